@@ -1,0 +1,146 @@
+"""The PFN: a small transformer that maps observed curve points to posterior predictive logits.
+
+Every token is one epoch of one curve. A token is either *context* (an observed (t, y) pair) or a
+*query* (an epoch t whose value we want). Context tokens attend to all context tokens; a query
+token attends to the context and to itself only, so queries never see each other: the answer for
+one query does not depend on which other queries are asked. The attention rule is
+
+    allowed[b, i, j] = is_ctx[b, j] or i == j
+
+which also covers padding (a padded token behaves like a query; its output is ignored) and,
+during training, a different number of observed epochs for every curve of a batch.
+
+Epochs enter as progress ``t = epoch / horizon`` (the prior's curves have horizon 100), values as
+they are (the prior lives in [0, 1]). There is no positional encoding: order does not matter.
+The output is a ``BarDistribution`` over y for every token (see ``pfn/bar.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pfn.bar import BarDistribution
+
+
+@dataclass(frozen=True)
+class PFNConfig:
+    n_layers: int = 3  # transformer blocks
+    d_model: int = 256  # token width E
+    n_heads: int = 4  # attention heads; d_model % n_heads == 0
+    d_ff: int = 512  # feed-forward hidden width
+    n_buckets: int = 1000  # buckets of the output bar distribution
+    dropout: float = 0.0  # dropout in attention and feed-forward (0 for the defaults)
+    encoder_hidden: int = 64  # hidden width of the (t) and (y) input MLPs
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} not divisible by n_heads {self.n_heads}")
+        for name in ("n_layers", "d_model", "n_heads", "d_ff", "encoder_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.n_buckets < 3:
+            raise ValueError(f"n_buckets: must be >= 3, got {self.n_buckets}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def pfn_attention_mask(is_ctx: Tensor) -> Tensor:
+    """Boolean (B, 1, L, L) mask, True = may attend: context keys, plus the token itself."""
+    L = is_ctx.shape[1]
+    eye = torch.eye(L, dtype=torch.bool, device=is_ctx.device)
+    return (is_ctx[:, None, None, :] | eye).contiguous()  # (B, 1, L, L)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block with SDPA attention."""
+
+    def __init__(self, cfg: PFNConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ff1 = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.ff2 = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def attention(self, h: Tensor, mask: Tensor) -> Tensor:
+        B, L, E = h.shape
+        H = self.n_heads
+        q, k, v = self.qkv(h).view(B, L, 3, H, E // H).permute(2, 0, 3, 1, 4)  # 3×(B, H, L, D)
+        p = self.dropout if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, L, D)
+        return self.proj(o.transpose(1, 2).reshape(B, L, E))  # (B, L, E)
+
+    def forward(self, h: Tensor, mask: Tensor) -> Tensor:
+        h = h + self.drop(self.attention(self.ln1(h), mask))
+        return h + self.drop(self.ff2(F.gelu(self.ff1(self.ln2(h)))))
+
+
+def _mlp(hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(1, hidden), nn.GELU(), nn.Linear(hidden, out))
+
+
+class PFN(nn.Module):
+    """Tokens (t, y, is_ctx) -> bar-distribution logits for every token."""
+
+    def __init__(self, cfg: PFNConfig, borders: Tensor) -> None:
+        super().__init__()
+        if borders.numel() != cfg.n_buckets + 1:
+            raise ValueError(f"borders: need n_buckets + 1 = {cfg.n_buckets + 1} values")
+        self.cfg = cfg
+        self.t_enc = _mlp(cfg.encoder_hidden, cfg.d_model)
+        self.y_enc = _mlp(cfg.encoder_hidden, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.n_buckets)
+        self.bar = BarDistribution(borders)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+    def embed(self, t: Tensor, y: Tensor, is_ctx: Tensor) -> Tensor:
+        """Token embeddings (B, L, E): enc(t) for every token, + enc(y) for context tokens."""
+        y = torch.where(is_ctx, y, torch.zeros_like(y))  # queries and padding carry no value
+        ey = self.y_enc(y.unsqueeze(-1)) * is_ctx.unsqueeze(-1).to(t.dtype)
+        return self.t_enc(t.unsqueeze(-1)) + ey  # (B, L, E)
+
+    def hidden(self, t: Tensor, y: Tensor, is_ctx: Tensor) -> Tensor:
+        """Final hidden states (B, L, E) for t, y (B, L) float and is_ctx (B, L) bool."""
+        mask = pfn_attention_mask(is_ctx)
+        h = self.embed(t, y, is_ctx)
+        for blk in self.blocks:
+            h = blk(h, mask)
+        return self.ln_f(h)
+
+    def forward(self, t: Tensor, y: Tensor, is_ctx: Tensor, select: Tensor | None = None) -> Tensor:
+        """Logits (B, L, n_buckets), or (N, n_buckets) for the N tokens where select is True
+        (training: the head runs on query tokens only)."""
+        h = self.hidden(t, y, is_ctx)  # (B, L, E)
+        return self.head(h if select is None else h[select])
+
+    def predict(self, t_ctx: Tensor, y_ctx: Tensor, ctx_mask: Tensor, t_qry: Tensor) -> Tensor:
+        """Logits (B, Q, n_buckets) for query epochs t_qry (B, Q) given a padded context
+        t_ctx, y_ctx (B, K) whose valid entries ctx_mask (B, K) marks. Inference layout: the
+        head runs on query tokens only."""
+        K = t_ctx.shape[1]
+        t = torch.cat([t_ctx, t_qry], 1)  # (B, K+Q)
+        y = torch.cat([y_ctx, torch.zeros_like(t_qry)], 1)  # (B, K+Q)
+        is_ctx = torch.cat([ctx_mask, torch.zeros_like(t_qry, dtype=torch.bool)], 1)
+        return self.head(self.hidden(t, y, is_ctx)[:, K:])  # (B, Q, n_buckets)
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

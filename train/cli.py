@@ -1,0 +1,72 @@
+"""`curvecast train`: plugs into the root CLI by entry point (see pyproject.toml)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from train.config import load_config, parse_cli_overrides
+
+HELP = """Pretrain a PFN on prior curves sampled on the fly.
+
+Overrides use dotted keys: --lr=3e-4 --model.n_layers=4 (unknown keys are rejected).
+Re-running with the same config resumes from out_dir/checkpoint.safetensors.
+Multi-process: torchrun --nproc_per_node=N -m train --config FILE.
+"""
+
+
+def train_command(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option(help="JSON or TOML config file")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="stop after this many more steps")] = None,
+    export: Annotated[Path | None, typer.Option(help="export the model here when done")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    from train.loop import Trainer
+
+    try:
+        cfg = load_config(config, parse_cli_overrides(list(ctx.args)))
+    except (ValueError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    tr = Trainer(cfg)
+    try:
+        last = tr.run(max_steps=max_steps, progress=progress)
+        if export is not None and tr.dist.main:
+            digest = tr.export(export)
+            typer.echo(f"exported {export} sha256={digest}")
+    finally:
+        tr.close()
+    if tr.dist.main:
+        typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in last.items()))
+
+
+def export_command(
+    run_dir: Annotated[Path, typer.Argument(help="training out_dir holding the checkpoint")],
+    out: Annotated[Path, typer.Argument(help="model directory to write")],
+) -> None:
+    """Export a run's latest checkpoint as a model directory (safetensors + config.json)."""
+    from train.export import export_checkpoint
+
+    typer.echo(f"{out} sha256={export_checkpoint(run_dir, out)}")
+
+
+def register(app: Any) -> None:
+    app.command("export")(export_command)
+    app.command(
+        "train",
+        help=HELP,
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(train_command)
+
+
+def main() -> None:
+    app = typer.Typer(add_completion=False)
+    app.callback()(lambda: None)  # keep "train" a sub-command, as under `curvecast`
+    register(app)
+    args = sys.argv[1:]
+    app(args=args if args[:1] in (["train"], ["export"]) else ["train", *args])

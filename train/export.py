@@ -1,0 +1,24 @@
+"""Export a training checkpoint's model as shipped weights (safetensors + config + sha256)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pfn.io import save_model
+from pfn.model import PFN
+from prior import get_prior
+from train.checkpoint import CKPT_NAME, load_checkpoint
+from train.config import TrainConfig
+
+
+def export_checkpoint(run_dir: str | Path, out_dir: str | Path) -> str:
+    """Write run_dir's latest checkpoint as a model directory; returns the sha256."""
+    ck = load_checkpoint(Path(run_dir) / CKPT_NAME)
+    cfg = TrainConfig.from_dict(ck["meta"]["config"])
+    model = PFN(cfg.model, ck["model"]["bar.borders"])
+    model.load_state_dict(ck["model"])
+    step = int(ck["meta"]["step"])
+    prior = get_prior(cfg.prior)
+    meta = {"train_config": cfg.to_dict(), "steps": step, "curves_seen": step * cfg.batch_size,
+            "max_context": prior.n_epochs - 1, "prior": prior.name}
+    return save_model(model.eval(), out_dir, meta)

@@ -1,0 +1,267 @@
+"""Pretraining on prior curves sampled on the fly: single process or torchrun DDP.
+
+Batch layout: every curve is one sequence of its ``m`` epochs; a cutoff drawn per curve marks
+the first ``cutoff`` epochs as context, the rest as queries (see ``pfn/model.py``'s mask). The
+loss is the mean negative log-density of the noisy value at every query position, and the
+output head runs on query tokens only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from pfn.bar import borders_from_samples
+from pfn.evaluate import prior_log_likelihood
+from pfn.io import save_model
+from pfn.model import PFN
+from prior import CurvePrior, get_prior, sample_cutoffs
+from train.checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
+from train.config import TrainConfig
+
+EVAL_CUTOFFS = (10, 20, 40, 80)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_dist(device: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
+    total = cfg.total_steps
+    warm = max(1, int(cfg.warmup_frac * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    p = min(1.0, (step - warm) / max(1, total - warm))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def make_borders(cfg: TrainConfig, prior: CurvePrior) -> Tensor:
+    g = torch.Generator().manual_seed(cfg.seed + 7919)
+    return borders_from_samples(prior.sample(cfg.border_curves, g).y, cfg.model.n_buckets)
+
+
+def build_model(cfg: TrainConfig, prior: CurvePrior) -> PFN:
+    torch.manual_seed(cfg.seed)
+    return PFN(cfg.model, make_borders(cfg, prior))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2))
+
+
+def training_batch(
+    prior: CurvePrior, n: int, g: torch.Generator, min_cutoff: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(t, y, is_ctx), each (n, m): progress, noisy values, context mask from per-curve cutoffs."""
+    m = prior.n_epochs
+    y = prior.sample(n, g).y
+    cut = sample_cutoffs(n, m, g, low=min_cutoff)
+    t = (torch.arange(1, m + 1, dtype=torch.float32) / m).expand(n, m)
+    is_ctx = torch.arange(m)[None, :] < cut[:, None]  # (n, m)
+    return t, y, is_ctx
+
+
+def loss_fn(model: PFN, fwd: Any, t: Tensor, y: Tensor, is_ctx: Tensor, amp: Any) -> Tensor:
+    """Mean negative log-density over all query tokens of the batch."""
+    with amp:
+        logits = fwd(t, y, is_ctx, ~is_ctx)  # (N_query, n_buckets)
+    return -model.bar.log_density(logits.float(), y[~is_ctx]).mean()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        dev = cfg.device
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dist = _init_dist(dev)
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if dev == "cuda" else "cpu")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.batch_size % self.dist.world:
+            raise ValueError(
+                f"batch_size {cfg.batch_size} must be divisible by the {self.dist.world} ranks"
+            )
+        self.local_batch = cfg.batch_size // self.dist.world
+        self.prior = get_prior(cfg.prior)
+        self.model = build_model(cfg, self.prior).to(self.device)
+        self.opt = make_optimizer(self.model, cfg)
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17 + self.dist.rank)
+        self.step = 0
+        self.out = Path(cfg.out_dir)
+        self.ddp: Any = self.model
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.fwd: Any = torch.compile(self.ddp, dynamic=True) if cfg.compile else self.ddp
+        self.amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+        self.eval_set = self._eval_set()
+
+    def _eval_set(self) -> Tensor | None:
+        if not self.cfg.eval_every or not self.dist.main:
+            return None
+        g = torch.Generator().manual_seed(10_000 + self.cfg.seed)
+        return self.prior.sample(self.cfg.eval_curves, g).y
+
+    # -- checkpoints -------------------------------------------------------------------------
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / CKPT_NAME
+
+    def _gather_rng(self) -> list[Tensor]:
+        s = self.gen.get_state()
+        if self.dist.world == 1:
+            return [s]
+        out = [torch.empty_like(s) for _ in range(self.dist.world)]
+        dist.all_gather(out, s)
+        return out
+
+    def save(self) -> None:
+        rng = self._gather_rng()  # collective: every rank takes part
+        if self.dist.main:
+            meta = {"config": self.cfg.to_dict(), "step": self.step, "world": self.dist.world}
+            save_checkpoint(self.ckpt_path, self.model.state_dict(), self.opt.state_dict(),
+                            rng, meta)
+
+    def try_resume(self) -> bool:
+        if not self.ckpt_path.is_file():
+            return False
+        ck = load_checkpoint(self.ckpt_path)
+        saved = TrainConfig.from_dict(ck["meta"]["config"]).to_dict()  # new fields: defaults
+        if saved != self.cfg.to_dict():
+            diff = {k: (saved.get(k), v) for k, v in self.cfg.to_dict().items()
+                    if saved.get(k) != v}
+            raise ValueError(f"{self.ckpt_path}: config differs from the checkpoint's: {diff}; "
+                             "use the same config or another out_dir")
+        if ck["meta"]["world"] != self.dist.world:
+            raise ValueError(f"{self.ckpt_path}: saved with {ck['meta']['world']} ranks; "
+                             f"resume with the same number (now {self.dist.world})")
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optim"])
+        self.gen.set_state(ck["rng_prior"][self.dist.rank])
+        torch.set_rng_state(ck["rng_torch"])
+        self.step = int(ck["meta"]["step"])
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        lr = lr_at(cfg, self.step)
+        for grp in self.opt.param_groups:
+            grp["lr"] = lr
+        t, y, is_ctx = training_batch(self.prior, self.local_batch, self.gen, cfg.min_cutoff)
+        t, y, is_ctx = t.to(self.device), y.to(self.device), is_ctx.to(self.device)
+        self.model.train()
+        loss = loss_fn(self.model, self.fwd, t, y, is_ctx, self.amp)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.step += 1
+        return {"loss": loss.item(), "lr": lr, "grad_norm": float(gn),
+                "tokens": float(t.numel())}
+
+    def evaluate(self) -> dict[str, float]:
+        assert self.eval_set is not None
+        self.model.eval()
+        out = {}
+        with self.amp:
+            for c in EVAL_CUTOFFS:
+                ll = prior_log_likelihood(self.model, self.eval_set.to(self.device), c)
+                out[f"val_ll_{c}"] = float(ll.mean())
+        return out
+
+    def run(self, max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+        """Train to the config's end (or max_steps more steps); returns the last metrics."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        resumed = self.try_resume()
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        end = cfg.total_steps if max_steps is None else min(cfg.total_steps,
+                                                              self.step + max_steps)
+        bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not (progress and
+                   self.dist.main), unit="step", dynamic_ncols=True)
+        log = open(self.out / "metrics.jsonl", "a") if self.dist.main else None  # noqa: SIM115
+        last: dict[str, Any] = {"resumed": resumed}
+        t0, tok, cur = time.perf_counter(), 0.0, 0
+        try:
+            while self.step < end:
+                m = self.train_step()
+                tok += m["tokens"] * self.dist.world
+                cur += cfg.batch_size
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    dt = time.perf_counter() - t0
+                    last = {"step": self.step, "curves": self.step * cfg.batch_size,
+                            "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+                            "curves_per_s": cur / dt, "tokens_per_s": tok / dt,
+                            "time": time.time()}
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.dist.main:
+                        last.update(self.evaluate())
+                    if log is not None:
+                        log.write(json.dumps(last) + "\n")
+                        log.flush()
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", cps=f"{cur / dt:.0f}")
+                    t0, tok, cur = time.perf_counter(), 0.0, 0
+                if self.step % cfg.ckpt_every == 0 or self.step == end:
+                    self.save()
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+        if self.step >= cfg.total_steps and self.dist.main:
+            self.export()
+        return last
+
+    def export(self, out_dir: Path | None = None) -> str:
+        meta = {"train_config": self.cfg.to_dict(), "steps": self.step,
+                "curves_seen": self.step * self.cfg.batch_size,
+                "max_context": self.prior.n_epochs - 1, "prior": self.prior.name}
+        return save_model(self.model.cpu().float(), out_dir or self.out / "model", meta)
+
+    def close(self) -> None:
+        if self.dist.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True) -> dict:
+    tr = Trainer(cfg)
+    try:
+        return tr.run(max_steps=max_steps, progress=progress)
+    finally:
+        tr.close()
