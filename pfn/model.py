@@ -17,6 +17,7 @@ The output is a ``BarDistribution`` over y for every token (see ``pfn/bar.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -24,6 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pfn.bar import BarDistribution
+
+# An attention implementation under the PFN rule: (q, k, v (B, H, L, D), is_ctx (B, L) bool)
+# -> (B, H, L, D), equal to SDPA with pfn_attention_mask(is_ctx). See PFN.set_attention.
+AttentionFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -73,16 +78,20 @@ class Block(nn.Module):
         self.ff2 = nn.Linear(cfg.d_ff, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def attention(self, h: Tensor, mask: Tensor) -> Tensor:
+    def attention(self, h: Tensor, mask: Tensor, attn: AttentionFn | None = None) -> Tensor:
+        """mask: (B, 1, L, L) for SDPA; with an injected ``attn`` it is is_ctx (B, L)."""
         B, L, E = h.shape
         H = self.n_heads
         q, k, v = self.qkv(h).view(B, L, 3, H, E // H).permute(2, 0, 3, 1, 4)  # 3×(B, H, L, D)
-        p = self.dropout if self.training else 0.0
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, L, D)
+        if attn is None:
+            p = self.dropout if self.training else 0.0
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        else:
+            o = attn(q, k, v, mask)  # (B, H, L, D)
         return self.proj(o.transpose(1, 2).reshape(B, L, E))  # (B, L, E)
 
-    def forward(self, h: Tensor, mask: Tensor) -> Tensor:
-        h = h + self.drop(self.attention(self.ln1(h), mask))
+    def forward(self, h: Tensor, mask: Tensor, attn: AttentionFn | None = None) -> Tensor:
+        h = h + self.drop(self.attention(self.ln1(h), mask, attn))
         return h + self.drop(self.ff2(F.gelu(self.ff1(self.ln2(h)))))
 
 
@@ -104,6 +113,7 @@ class PFN(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.n_buckets)
         self.bar = BarDistribution(borders)
+        self.attention_fn: AttentionFn | None = None  # see set_attention; not in state_dict
         self.apply(self._init)
 
     @staticmethod
@@ -118,12 +128,18 @@ class PFN(nn.Module):
         ey = self.y_enc(y.unsqueeze(-1)) * is_ctx.unsqueeze(-1).to(t.dtype)
         return self.t_enc(t.unsqueeze(-1)) + ey  # (B, L, E)
 
+    def set_attention(self, fn: AttentionFn | None) -> None:
+        """Route attention through ``fn`` in eval mode (e.g. ``serve.kernels``' fused kernel,
+        which never builds the L×L mask); None restores SDPA. Training always uses SDPA."""
+        self.attention_fn = fn
+
     def hidden(self, t: Tensor, y: Tensor, is_ctx: Tensor) -> Tensor:
         """Final hidden states (B, L, E) for t, y (B, L) float and is_ctx (B, L) bool."""
-        mask = pfn_attention_mask(is_ctx)
+        attn = None if self.training else self.attention_fn
+        mask = pfn_attention_mask(is_ctx) if attn is None else is_ctx  # what attention takes
         h = self.embed(t, y, is_ctx)
         for blk in self.blocks:
-            h = blk(h, mask)
+            h = blk(h, mask, attn)
         return self.ln_f(h)
 
     def forward(self, t: Tensor, y: Tensor, is_ctx: Tensor, select: Tensor | None = None) -> Tensor:

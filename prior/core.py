@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -64,12 +64,14 @@ class CurvePrior:
     def name(self) -> str:
         return "lcpfn" if self.components == LCPFN_COMPONENTS else "+".join(self.components)
 
-    def _propose(self, n: int, g: torch.Generator) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    def _propose(
+        self, n: int, g: torch.Generator, dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, list[dict[str, Tensor]]]:
         """n proposals: weights (n, K) and each basis' parameters, two RNG calls in all."""
         specs = [p for c in self.components for p in BASES[c].params]
         uni = [i for i, p in enumerate(specs) if p.dist not in ("normal", "lognormal")]
-        u = torch.rand(n, len(self.components) + len(uni), generator=g, dtype=torch.float64)
-        z = torch.randn(n, len(specs) - len(uni), generator=g, dtype=torch.float64)
+        u = torch.rand(n, len(self.components) + len(uni), generator=g, dtype=dtype)
+        z = torch.randn(n, len(specs) - len(uni), generator=g, dtype=dtype)
         cols = iter(u[:, len(self.components) :].T)
         zcols = iter(z.T)
         values = [p.transform(next(cols) if i in uni else next(zcols)) for i, p in enumerate(specs)]
@@ -85,39 +87,63 @@ class CurvePrior:
         p = [{name: v.to(x.dtype) for name, v in d.items()} for d in params]
         return fn(self.components, self.range_constraint, x, w.to(x.dtype), p)
 
-    def sample(self, n: int, generator: torch.Generator) -> CurveBatch:
-        """Draw ``n`` accepted curves; deterministic for a given generator state."""
+    def _accepted(
+        self, n: int, g: torch.Generator, dtype: torch.dtype
+    ) -> Iterator[tuple[Tensor, list[dict[str, Tensor]], Tensor]]:
+        """Accepted (weights, parameters, noise-free curves) in rounds, n in all."""
         if n < 0:
             raise ValueError(f"n: must be >= 0, got {n}")
-        m = self.n_epochs
-        x = torch.arange(1, m + 1, dtype=torch.float32)
-        ends = x[[0, -1]].double()
-        f = torch.empty(n, m)
+        x = torch.arange(1, self.n_epochs + 1, dtype=dtype)
+        ends = x[[0, -1]]
         got, accept = 0, self._accept_guess
         for _ in range(self.max_rounds):
             if got >= n:
-                break
+                return
             # proposals in chunks of <= _CHUNK: small temporaries are much faster to allocate
             k = min(int(math.ceil((n - got) / max(accept, 1e-4) * 1.15)) + 16, _CHUNK)
-            w, params = self._propose(k, generator)
-            # stage 1: both end points in float64 (f(m) > f(1), range, NaN) for every proposal
-            _, ok = self._screen(ends, w, params)
-            idx = ok.nonzero().squeeze(1)
+            w, params = self._propose(k, g, dtype)
+            # stage 1: both end points (f(m) > f(1), range, NaN) for every proposal
+            idx = self._screen(ends, w, params)[1].nonzero().squeeze(1)
             # stage 2: every epoch, only for the survivors
-            fk, ok = self._screen(x, w[idx], [{p: v[idx] for p, v in d.items()} for d in params])
-            fk = fk[ok][: n - got]
-            f[got : got + fk.shape[0]] = fk
-            got += fk.shape[0]
+            w, params = w[idx], [{p: v[idx] for p, v in d.items()} for d in params]
+            f, ok = self._screen(x, w, params)
+            keep = ok.nonzero().squeeze(1)[: n - got]
+            got += keep.numel()
             accept = 0.5 * accept + 0.5 * max(int(ok.sum()) / k, 1e-4)
+            yield w[keep], [{p: v[keep] for p, v in d.items()} for d in params], f[keep]
         if got < n:
             raise RuntimeError(
                 f"prior {self.name}: only {got}/{n} curves accepted after {self.max_rounds} "
                 "rounds; relax range_constraint or use fewer components"
             )
+
+    def sample(self, n: int, generator: torch.Generator) -> CurveBatch:
+        """Draw ``n`` accepted curves; deterministic for a given generator state."""
+        m = self.n_epochs
+        f = torch.empty(n, m)
+        got = 0
+        for _, _, fk in self._accepted(n, generator, torch.float32):
+            f[got : got + fk.shape[0]] = fk
+            got += fk.shape[0]
         z = torch.randn(n, generator=generator)
         sigma = (self.log_sigma_mean + self.log_sigma_std * z).exp()
         y = torch.randn(n, m, generator=generator).mul_(sigma[:, None]).add_(f)
+        x = torch.arange(1, m + 1, dtype=torch.float32)
         return CurveBatch(x=x, y=y, f=f, sigma=sigma)
+
+    def sample_params(
+        self, n: int, generator: torch.Generator
+    ) -> tuple[Tensor, list[dict[str, Tensor]]]:
+        """``n`` accepted parameter sets (no noise): weights (n, K) and, per component, a dict
+        of (n, 1) parameters, float64; same proposals and rules as :meth:`sample`, but its own
+        draws (it does not reproduce ``sample``'s curves). Used to start MCMC chains."""
+        rounds = list(self._accepted(n, generator, torch.float64))
+        if not rounds:
+            return self._propose(0, generator, torch.float64)
+        ws = torch.cat([w for w, _, _ in rounds])
+        params = [{p: torch.cat([r[1][k][p] for r in rounds]) for p in rounds[0][1][k]}
+                  for k in range(len(self.components))]
+        return ws, params
 
 
 def _screen(

@@ -56,7 +56,7 @@ def export_command(
 
 
 def register(app: Any) -> None:
-    app.command("export")(export_command)
+    app.command("export-run")(export_command)
     app.command(
         "train",
         help=HELP,
@@ -69,4 +69,4 @@ def main() -> None:
     app.callback()(lambda: None)  # keep "train" a sub-command, as under `curvecast`
     register(app)
     args = sys.argv[1:]
-    app(args=args if args[:1] in (["train"], ["export"]) else ["train", *args])
+    app(args=args if args[:1] in (["train"], ["export-run"]) else ["train", *args])

@@ -113,7 +113,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise ValueError(f"{key}: cannot set a field of type {tp}")
 
 
-def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+def apply_overrides(cfg: Any, overrides: dict[str, Any], _prefix: str = "") -> Any:
     """Return cfg with dotted-key overrides applied; unknown keys raise ValueError."""
     nested: dict[str, dict[str, Any]] = {}
     flat: dict[str, Any] = {}
@@ -121,21 +121,20 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
         if head not in names:
-            raise ValueError(
-                f"unknown config key {key!r}; known keys: {', '.join(sorted(known_keys(cfg)))}"
-            )
+            known = ", ".join(sorted(known_keys(cfg, _prefix)))
+            raise ValueError(f"unknown config key {_prefix + key!r}; known keys: {known}")
         if rest:
             nested.setdefault(head, {})[rest] = value
         else:
             if is_dataclass(getattr(cfg, head)):
                 raise ValueError(f"{key}: is a section; set {key}.<field> instead")
             hints = typing.get_type_hints(type(cfg))
-            flat[head] = _coerce(hints[head], value, key)
+            flat[head] = _coerce(hints[head], value, _prefix + key)
     for head, sub in nested.items():
         inner = getattr(cfg, head)
         if not is_dataclass(inner):
             raise ValueError(f"{head}: is not a section; set {head}=<value>")
-        flat[head] = apply_overrides(inner, {k: v for k, v in sub.items()})
+        flat[head] = apply_overrides(inner, sub, f"{_prefix}{head}.")
     return replace(cfg, **flat)
 
 

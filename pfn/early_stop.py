@@ -1,0 +1,410 @@
+"""Early-stopping decisions for HPO: stop this trial or let it run, with the probability behind it.
+
+    from pfn import Predictor, Curve
+    from pfn.early_stop import StopRule, decide
+    pred = Predictor.load()
+    d = decide(pred, [Curve([1, 2, 3], [0.31, 0.42, 0.47], horizon=50, bounds=(0, 1))],
+               incumbents=[0.83])[0]
+    d.stop, d.prob_improve, d.final_mean, d.final_quantiles
+
+One predictor call (one forward pass) serves the whole batch of trials. Each trial is queried at
+its *checked epochs*: the remaining epochs after its last observed one, up to its horizon
+(``MAX_CHECKED_EPOCHS`` evenly spaced ones when more remain, always including the next epoch
+and the horizon; a curve's own ``query_epochs`` replace the grid, the horizon is always added).
+
+Improvement means ``value > incumbent`` for ``direction="max"`` and ``value < incumbent`` for
+``direction="min"`` (the posterior is in the metric's own units). The incumbent is the best value
+seen so far in the study (or a target); ``None``/NaN means "no incumbent yet" (never stop).
+
+Rules (``StopRule.kind``); none fires before ``min_epochs`` values are observed:
+
+* ``"all_epochs"`` (default, the LC-PFN paper's): stop when for every checked epoch t'
+  ``P(y_t' improves on the incumbent) <= delta``. ``prob_improve`` is the max over t'.
+* ``"final_epoch"``: stop when ``P(y_horizon improves) <= delta`` (``prob_improve_final``).
+  Ignores a trial that might peak above the incumbent mid-run and fall back (overfitting).
+* ``"expected_improvement"``: stop when the expected improvement of the final value,
+  ``E[max(0, y_horizon - incumbent)]`` (``incumbent - y`` for "min"), divided by the remaining
+  epochs, is at most ``min_gain_per_epoch`` (metric units per epoch; required for this kind).
+  A cost-aware rule: a trial far from its end must promise more to keep running.
+
+``Decision.expected_remaining_epochs`` is ``0`` when the decision is to stop, else the epochs
+left until the horizon (what continuing the trial costs if nothing stops it later).
+
+The JSON form (``early_stop_json``, used by ``POST /v1/early-stop`` and the CLI)::
+
+    {"curves": [{"epochs": [1, 2], "values": [0.3, 0.4], "horizon": 50,
+                 "direction": "max", "bounds": [0, 1]}],
+     "incumbents": [0.8],                       # one per curve, null = none yet
+     "rule": {"kind": "all_epochs", "delta": 0.05, "min_epochs": 2},   # optional
+     "quantiles": [0.05, 0.5, 0.95]}            # optional
+    -> {"decisions": [{"stop": true, "prob_improve": 0.01, "prob_improve_final": 0.008,
+                       "final_mean": 0.52, "final_quantiles": {"0.05": ..., "0.5": ...},
+                       "expected_remaining_epochs": 0.0, "expected_improvement": 1e-4,
+                       "reason": "..."}],
+        "model": {...}}
+
+The dict helpers here (``rule_to_dict``, ``rule_from_dict``, ``curve_to_dict``,
+``decision_to_dict``, ``decision_from_dict``) import neither torch nor the predictor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from pfn.errors import CurveError
+
+if TYPE_CHECKING:
+    from pfn.predictor import Curve, Predictor
+
+RuleKind = Literal["all_epochs", "final_epoch", "expected_improvement"]
+RULE_KINDS: tuple[str, ...] = ("all_epochs", "final_epoch", "expected_improvement")
+DEFAULT_QUANTILES: tuple[float, ...] = (0.05, 0.5, 0.95)
+MAX_CHECKED_EPOCHS = 32  # remaining epochs queried per trial (evenly spaced when more remain)
+EI_LEVELS = 64  # quantile levels averaged to estimate the expected improvement
+EARLY_STOP_CURVE_KEYS = frozenset(
+    {"epochs", "values", "horizon", "query_epochs", "direction", "bounds"}
+)
+REQUEST_KEYS = frozenset({"curves", "incumbents", "rule", "quantiles"})
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When to stop a trial; see the module docstring for the kinds."""
+
+    kind: RuleKind = "all_epochs"  # which probability the rule thresholds
+    delta: float = 0.05  # stop when P(improve) <= delta ("all_epochs", "final_epoch")
+    min_epochs: int = 2  # observed values needed before the rule may stop a trial
+    min_gain_per_epoch: float | None = None  # "expected_improvement" only: metric units/epoch
+
+    def __post_init__(self) -> None:
+        if self.kind not in RULE_KINDS:
+            raise CurveError(None, "rule.kind", f"must be one of {list(RULE_KINDS)}, got "
+                             f"{self.kind!r}", "use 'all_epochs' (the paper's rule)")
+        d = self.delta
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+            raise CurveError(None, "rule.delta", f"must be a probability in [0, 1), got {d!r}",
+                             "use e.g. 0.05 (stop when P(improve) <= 5%)")
+        m = self.min_epochs
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise CurveError(None, "rule.min_epochs", f"must be an integer >= 1, got {m!r}",
+                             "use 2 (decide from the second epoch on)")
+        g = self.min_gain_per_epoch
+        if self.kind == "expected_improvement":
+            if g is None or isinstance(g, bool) or not isinstance(g, (int, float)) \
+                    or not (math.isfinite(g) and g >= 0):
+                raise CurveError(None, "rule.min_gain_per_epoch", "must be a finite number "
+                                 f">= 0 for kind 'expected_improvement', got {g!r}",
+                                 "set the smallest worthwhile gain per epoch, in metric units")
+        elif g is not None:
+            raise CurveError(None, "rule.min_gain_per_epoch", f"is only used by kind "
+                             f"'expected_improvement', not {self.kind!r}", "drop it")
+
+
+@dataclass
+class Decision:
+    """The answer for one trial; probabilities are of improving on its incumbent."""
+
+    stop: bool  # the rule's verdict
+    prob_improve: float  # max over the checked remaining epochs of P(y_t' improves)
+    prob_improve_final: float  # P(y_horizon improves)
+    final_mean: float  # predicted mean at the horizon, metric units
+    final_quantiles: dict[float, float]  # level -> predicted quantile at the horizon
+    expected_remaining_epochs: float  # 0 when stopping, else horizon - last observed epoch
+    reason: str  # one human-readable sentence
+    expected_improvement: float = math.nan  # E[max(0, y_horizon's gain)]; NaN: no incumbent
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form, not serialised
+
+
+# ---------------------------------------------------------------------------------------------
+# dict (JSON) helpers: no torch, usable by the HTTP client
+
+
+def _key(x: float) -> str:
+    return repr(float(x))  # the same keys as pfn.summary.key
+
+
+def rule_to_dict(rule: StopRule) -> dict[str, Any]:
+    d = asdict(rule)
+    if d["min_gain_per_epoch"] is None:
+        del d["min_gain_per_epoch"]
+    return d
+
+
+def rule_from_dict(obj: Any) -> StopRule:
+    """A ``StopRule`` from a dict (unknown keys rejected); ``None`` gives the default rule."""
+    if obj is None:
+        return StopRule()
+    if isinstance(obj, StopRule):
+        return obj
+    if not isinstance(obj, Mapping):
+        raise CurveError(None, "rule", f"must be an object, got {type(obj).__name__}",
+                         'send {"kind": "all_epochs", "delta": 0.05, "min_epochs": 2}')
+    known = {f.name for f in fields(StopRule)}
+    bad = sorted(set(obj) - known)
+    if bad:
+        raise CurveError(None, f"rule.{bad[0]}", "is not a rule field",
+                         f"use only {', '.join(sorted(known))}")
+    return StopRule(**dict(obj))
+
+
+def curve_to_dict(c: Any) -> dict[str, Any]:
+    """The JSON form of a ``Curve`` (or any object with its attributes); NaN values -> null."""
+    def nums(a: Any) -> list[float | None]:
+        return [None if (v is None or (isinstance(v, float) and math.isnan(v))) else float(v)
+                for v in np.asarray(a, dtype=np.float64).tolist()]
+
+    d: dict[str, Any] = {"epochs": nums(c.epochs), "values": nums(c.values),
+                         "horizon": float(c.horizon),
+                         "direction": getattr(c, "direction", "max")}
+    qe = getattr(c, "query_epochs", None)
+    if qe is not None:
+        d["query_epochs"] = nums(qe)
+    b = getattr(c, "bounds", None)
+    if b is not None:
+        d["bounds"] = [None if x is None else float(x) for x in b]
+    return d
+
+
+def decision_to_dict(d: Decision) -> dict[str, Any]:
+    return {
+        "stop": bool(d.stop),
+        "prob_improve": float(d.prob_improve),
+        "prob_improve_final": float(d.prob_improve_final),
+        "final_mean": float(d.final_mean),
+        "final_quantiles": {_key(q): float(v) for q, v in d.final_quantiles.items()},
+        "expected_remaining_epochs": float(d.expected_remaining_epochs),
+        "expected_improvement": (float(d.expected_improvement)
+                                 if math.isfinite(d.expected_improvement) else None),
+        "reason": d.reason,
+    }
+
+
+def decision_from_dict(obj: Mapping[str, Any] | Decision) -> Decision:
+    """A ``Decision`` from its dict form (e.g. an HTTP response entry); passes Decisions on."""
+    if isinstance(obj, Decision):
+        return obj
+    return Decision(
+        stop=bool(obj["stop"]),
+        prob_improve=float(obj["prob_improve"]),
+        prob_improve_final=float(obj["prob_improve_final"]),
+        final_mean=float(obj["final_mean"]),
+        final_quantiles={float(k): float(v) for k, v in obj["final_quantiles"].items()},
+        expected_remaining_epochs=float(obj["expected_remaining_epochs"]),
+        reason=str(obj["reason"]),
+        expected_improvement=(math.nan if obj.get("expected_improvement") is None
+                              else float(obj["expected_improvement"])),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the decision
+
+
+def _incumbent(x: Any, i: int) -> float:
+    if x is None:
+        return math.nan
+    if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)):
+        raise CurveError(i, "incumbent", f"must be a number or null, got {x!r}",
+                         "send the best value seen so far (null if none)")
+    f = float(x)
+    if math.isinf(f):
+        raise CurveError(i, "incumbent", "must be finite", "send the best value seen so far")
+    return f
+
+
+def _observed(c: Any) -> tuple[float, int] | None:
+    """(last observed epoch, number of observed values), or None if unparseable (the
+    predictor's validation then reports the problem)."""
+    try:
+        e = np.asarray(c.epochs, dtype=np.float64)
+        v = np.asarray(c.values, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if e.ndim != 1 or e.shape != v.shape:
+        return None
+    keep = ~np.isnan(v) & np.isfinite(e)
+    if not keep.any():
+        return None
+    return float(e[keep].max()), int(keep.sum())
+
+
+def checked_epochs(last: float, horizon: float, given: Any = None,
+                   max_points: int = MAX_CHECKED_EPOCHS) -> np.ndarray:
+    """The remaining epochs a decision looks at (ascending, ends at the horizon)."""
+    if given is not None:
+        g = np.asarray(given, dtype=np.float64).ravel()
+        g = g[(g > last) & (g != horizon)]  # any beyond the horizon fail validation
+        return np.unique(np.append(g, horizon))
+    first = math.floor(last) + 1
+    lastint = math.floor(horizon)
+    if first > lastint:
+        return np.array([horizon], dtype=np.float64)
+    n = lastint - first + 1
+    grid = (np.arange(first, lastint + 1, dtype=np.float64) if n <= max_points
+            else np.unique(np.round(np.linspace(first, lastint, max_points))))
+    return np.unique(np.append(grid[grid < horizon], horizon))
+
+
+def _quantile_levels(qs: Sequence[float]) -> tuple[float, ...]:
+    out = []
+    for j, q in enumerate(qs):
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q < 1.0:
+            raise CurveError(None, f"quantiles[{j}]", f"must lie strictly in (0, 1), got {q!r}",
+                             "use e.g. [0.05, 0.5, 0.95]")
+        out.append(float(q))
+    return tuple(out)
+
+
+def decide(
+    predictor: Predictor,
+    curves: Sequence[Curve],
+    incumbents: Sequence[float | None],
+    rule: StopRule = StopRule(),
+    quantiles: Sequence[float] = DEFAULT_QUANTILES,
+) -> list[Decision]:
+    """One decision per trial, for the whole batch in one predictor call."""
+    n = len(curves)
+    if n == 0:
+        raise CurveError(None, "curves", "is empty", "send at least one curve")
+    if len(incumbents) != n:
+        raise CurveError(None, "incumbents", f"has {len(incumbents)} entries for {n} curves",
+                         "send one incumbent per curve (null for none yet)")
+    if not isinstance(rule, StopRule):
+        raise CurveError(None, "rule", f"must be a StopRule, got {type(rule).__name__}",
+                         "pass StopRule(...) (or use rule_from_dict)")
+    from pfn.predictor import Posterior  # torch: imported only where inference happens
+
+    levels = _quantile_levels(quantiles)
+    inc = np.array([_incumbent(x, i) for i, x in enumerate(incumbents)], dtype=np.float64)
+    obs = [_observed(c) for c in curves]
+    queried = []
+    for c, o in zip(curves, obs, strict=True):
+        qe = c.query_epochs  # unparseable curves go to the predictor as they are (it reports)
+        if o is not None and isinstance(c.horizon, (int, float)) and math.isfinite(c.horizon):
+            qe = checked_epochs(o[0], float(c.horizon), c.query_epochs)
+        queried.append(replace(c, query_epochs=qe))
+    post, starts = predictor.posterior_all(queried)  # validates every curve
+    start = np.asarray(starts[:-1])
+    final = np.asarray(starts[1:]) - 1  # the horizon is each curve's last checked epoch
+    counts = np.diff(np.asarray(starts))
+    is_min = np.array([c.direction == "min" for c in curves])
+    inc_rows = np.repeat(np.nan_to_num(inc), counts)[:, None]  # (R, 1)
+    cdf = post.cdf(inc_rows)[:, 0]  # P(y_t' <= incumbent)
+    p_rows = np.where(np.repeat(is_min, counts), cdf, 1.0 - cdf)  # P(y_t' improves)
+    p_all = np.maximum.reduceat(p_rows, start)
+    arg_all = np.array([int(np.argmax(p_rows[a:b])) for a, b in zip(start, starts[1:],
+                                                                     strict=True)])
+    p_final = p_rows[final]
+    fin = Posterior(post.bar, post.logits[final], post.scale[final], post.offset[final],
+                    post.query_epochs[final])  # one row per curve: its horizon
+    mean = fin.mean
+    fq = fin.quantile(np.asarray(levels)) if levels else np.zeros((n, 0))
+    u = (np.arange(EI_LEVELS) + 0.5) / EI_LEVELS
+    draws = fin.quantile(u)  # (n, EI_LEVELS) evenly spaced in probability
+    gain = np.where(is_min[:, None], inc[:, None] - draws, draws - inc[:, None])
+    ei = np.clip(gain, 0.0, None).mean(axis=1)
+
+    out = []
+    for i, c in enumerate(curves):
+        o = obs[i]
+        assert o is not None  # the predictor accepted the curve
+        last, n_obs = o
+        h = float(c.horizon)
+        remaining = max(h - last, 0.0)
+        qd = {q: float(fq[i, j]) for j, q in enumerate(levels)}
+        t_best = float(post.query_epochs[start[i] + arg_all[i]])
+        if math.isnan(inc[i]):
+            pa = pf = 1.0
+            e_i = math.nan  # undefined without an incumbent (null in JSON)
+        else:
+            pa, pf, e_i = float(p_all[i]), float(p_final[i]), float(ei[i])
+        if remaining <= 0:
+            stop, reason = True, f"reached its horizon ({h:g}): nothing left to run"
+        elif math.isnan(inc[i]):
+            stop, reason = False, "no incumbent yet: nothing to compare against, keep running"
+        elif n_obs < rule.min_epochs:
+            stop = False
+            reason = (f"{n_obs} value(s) observed; the rule decides from "
+                      f"{rule.min_epochs} on")
+        elif rule.kind == "all_epochs":
+            stop = pa <= rule.delta
+            reason = (f"P(improve) <= {rule.delta:g} at every remaining epoch (max {pa:.3g} "
+                      f"at epoch {t_best:g})" if stop else
+                      f"P(improve) = {pa:.3g} > {rule.delta:g} at epoch {t_best:g}")
+        elif rule.kind == "final_epoch":
+            stop = pf <= rule.delta
+            reason = (f"P(final value improves) = {pf:.3g} "
+                      f"{'<=' if stop else '>'} {rule.delta:g}")
+        else:
+            g = float(rule.min_gain_per_epoch or 0.0)
+            rate = e_i / remaining
+            stop = rate <= g
+            reason = (f"expected improvement {e_i:.3g} over {remaining:g} remaining epochs "
+                      f"= {rate:.3g}/epoch {'<=' if stop else '>'} {g:g}")
+        out.append(Decision(
+            stop=bool(stop),
+            prob_improve=pa,
+            prob_improve_final=pf,
+            final_mean=float(mean[i]),
+            final_quantiles=qd,
+            expected_remaining_epochs=0.0 if stop else remaining,
+            reason=reason,
+            expected_improvement=e_i,
+        ))
+    return out
+
+
+def early_stop_json(predictor: Predictor, obj: Any, name: str = "default") -> dict[str, Any]:
+    """A request dict in (see the module docstring), ``{"decisions": [...], "model": {...}}``
+    out. Raises ``CurveError`` naming the field for anything malformed."""
+    from pfn.summary import curves_from_json, model_info  # torch-free callers skip this
+
+    if not isinstance(obj, Mapping):
+        raise CurveError(None, "request", f"must be a JSON object, got {type(obj).__name__}",
+                         'send {"curves": [...], "incumbents": [...]}')
+    bad = sorted(set(obj) - REQUEST_KEYS)
+    if bad:
+        raise CurveError(None, bad[0], "is not an early-stop request field",
+                         f"use only {', '.join(sorted(REQUEST_KEYS))}")
+    raw = obj.get("curves")
+    if isinstance(raw, Sequence) and not isinstance(raw, (str, bytes)):
+        for i, c in enumerate(raw):
+            if isinstance(c, Mapping):
+                extra = sorted(set(c) - EARLY_STOP_CURVE_KEYS)
+                if extra:
+                    raise CurveError(i, extra[0], "is not an early-stop curve field",
+                                     f"use only {', '.join(sorted(EARLY_STOP_CURVE_KEYS))}")
+    curves = curves_from_json({"curves": raw})
+    incs = obj.get("incumbents")
+    if isinstance(incs, (str, bytes, Mapping)) or not isinstance(incs, Sequence):
+        raise CurveError(None, "incumbents", f"must be a list with one number (or null) per "
+                         f"curve, got {type(incs).__name__}", "send the best value seen so far")
+    levels = obj.get("quantiles", DEFAULT_QUANTILES)
+    if isinstance(levels, (str, bytes, Mapping)) or not isinstance(levels, Sequence):
+        raise CurveError(None, "quantiles", "must be a list of numbers in (0, 1)",
+                         "send e.g. [0.05, 0.5, 0.95]")
+    rule = rule_from_dict(obj.get("rule"))
+    ds = decide(predictor, curves, list(incs), rule, list(levels))
+    return {"decisions": [decision_to_dict(d) for d in ds], "model": model_info(predictor, name)}
+
+
+__all__ = [
+    "DEFAULT_QUANTILES",
+    "MAX_CHECKED_EPOCHS",
+    "RULE_KINDS",
+    "Decision",
+    "StopRule",
+    "checked_epochs",
+    "curve_to_dict",
+    "decide",
+    "decision_from_dict",
+    "decision_to_dict",
+    "early_stop_json",
+    "rule_from_dict",
+    "rule_to_dict",
+]

@@ -1,0 +1,99 @@
+"""HPO integrations (optional extras): an Optuna pruner and a Ray Tune scheduler.
+
+Both take a *backend* that makes the decisions:
+
+* ``None`` (default): the embedded default model, loaded in-process on first use;
+* a ``pfn.Predictor`` (anything with ``posterior_all``): in-process, ``pfn.early_stop.decide``;
+* anything with an ``early_stop(curves, incumbents, rule=...)`` method, e.g. the HTTP client of
+  ``serve.client`` (duck-typed: pfn never imports serve). It receives ``pfn.Curve`` objects and a
+  ``StopRule``, and may return ``Decision`` objects, their dict form (``decision_to_dict``),
+  objects with the same attributes, or a response dict ``{"decisions": [...]}``.
+
+Import the integrations from their modules (``pfn.hpo.optuna``, ``pfn.hpo.ray``); this package
+itself imports neither Optuna nor Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+from pfn.early_stop import DEFAULT_QUANTILES, Decision, StopRule, decide, decision_from_dict
+from pfn.errors import CurvecastError
+from pfn.predictor import Curve, Predictor
+
+IncumbentMode = Literal["completed", "observed"]
+INCUMBENT_MODES = ("completed", "observed")
+
+
+class Decider:
+    """Calls the backend for a batch of trials and returns ``Decision`` objects."""
+
+    def __init__(self, backend: Any = None, rule: StopRule = StopRule(),
+                 quantiles: Sequence[float] = DEFAULT_QUANTILES) -> None:
+        if backend is not None and not (hasattr(backend, "posterior_all")
+                                        or hasattr(backend, "early_stop")):
+            raise CurvecastError(
+                f"backend: {type(backend).__name__} has neither posterior_all (a Predictor) nor "
+                "early_stop (an HTTP client); pass Predictor.load(), a client, or None")
+        if not isinstance(rule, StopRule):
+            raise CurvecastError(f"rule: must be a StopRule, got {type(rule).__name__}")
+        self.backend = backend
+        self.rule = rule
+        self.quantiles = tuple(quantiles)
+        self._default: Predictor | None = None  # lazily loaded, never pickled
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_default"] = None
+        return state
+
+    def _resolve(self) -> Any:
+        if self.backend is not None:
+            return self.backend
+        if self._default is None:
+            self._default = Predictor.load()
+        return self._default
+
+    def __call__(self, curves: Sequence[Curve],
+                 incumbents: Sequence[float | None]) -> list[Decision]:
+        b = self._resolve()
+        if hasattr(b, "posterior_all"):
+            return decide(b, curves, incumbents, self.rule, self.quantiles)
+        got = b.early_stop(list(curves), list(incumbents), rule=self.rule)
+        if isinstance(got, Mapping):
+            got = got["decisions"]
+        out = [decision_from_dict(d if isinstance(d, (Mapping, Decision)) else _attrs(d))
+               for d in got]
+        if len(out) != len(curves):
+            raise RuntimeError(f"backend returned {len(out)} decisions for {len(curves)} curves")
+        return out
+
+
+def _attrs(obj: Any) -> dict[str, Any]:
+    if hasattr(obj, "model_dump"):  # pydantic
+        return dict(obj.model_dump())
+    return {k: getattr(obj, k) for k in ("stop", "prob_improve", "prob_improve_final",
+                                         "final_mean", "final_quantiles",
+                                         "expected_remaining_epochs", "reason",
+                                         "expected_improvement") if hasattr(obj, k)}
+
+
+def best(values: Iterable[float | None], direction: str) -> float | None:
+    """The best finite value (max or min), None when there is none."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return None
+    return max(vals) if direction == "max" else min(vals)
+
+
+def check_incumbent_mode(mode: str) -> str:
+    if mode not in INCUMBENT_MODES:
+        raise CurvecastError(f"incumbent: must be one of {list(INCUMBENT_MODES)}, got {mode!r}; "
+                             "'completed' compares with finished trials' final values, "
+                             "'observed' with every value reported so far")
+    return mode
+
+
+__all__ = ["INCUMBENT_MODES", "Decider", "IncumbentMode", "best", "check_incumbent_mode"]

@@ -1,0 +1,151 @@
+"""An Optuna pruner that stops trials curvecast predicts will not beat the incumbent.
+
+    import optuna
+    from pfn.hpo.optuna import CurvecastPruner
+
+    def objective(trial):
+        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        for epoch in range(30):                    # steps 0..29: horizon=30, first_step=0
+            acc = train_one_epoch(lr)
+            trial.report(acc, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return acc
+
+    study = optuna.create_study(direction="maximize",
+                                pruner=CurvecastPruner(horizon=30, bounds=(0, 1)))
+
+Steps map to epochs as ``epoch = step - first_step + 1``; ``horizon`` is the number of steps a
+complete trial reports. The study's direction sets the metric's direction (a minimised loss
+improves downwards). The incumbent is the best final value of the completed trials
+(``incumbent="completed"``, the default) or the best value any trial has reported so far,
+this one included (``"observed"``, the paper's replay setting). Nothing is pruned before
+``n_startup_trials`` trials completed, nor before the rule's ``min_epochs`` values.
+
+Each decision is stored in the trial's user attributes (overwritten at every checked step):
+``curvecast_final_mean``, ``curvecast_final_quantiles`` ({level: value}),
+``curvecast_prob_improve``, ``curvecast_prob_improve_final``, ``curvecast_step``,
+``curvecast_stop`` and ``curvecast_reason``, so pruned trials keep their predicted final value.
+
+Backends: see ``pfn.hpo`` (in-process Predictor by default, or the HTTP client). When the backend
+fails with anything other than a user error (``CurvecastError``), the pruner logs a warning and
+lets the trial run (``fail_open=True``) rather than failing the study.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import optuna
+from optuna.pruners import BasePruner
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from pfn.early_stop import DEFAULT_QUANTILES, StopRule
+from pfn.errors import CurvecastError
+from pfn.hpo import Decider, IncumbentMode, best, check_incumbent_mode
+from pfn.predictor import Curve
+
+log = logging.getLogger(__name__)
+ATTR_PREFIX = "curvecast_"
+
+
+class CurvecastPruner(BasePruner):
+    """Prune a trial when curvecast's rule says it will not improve on the incumbent."""
+
+    def __init__(
+        self,
+        horizon: int,
+        backend: Any = None,
+        *,
+        rule: StopRule = StopRule(),
+        bounds: tuple[float | None, float | None] | None = None,
+        first_step: int = 0,
+        n_startup_trials: int = 1,
+        interval_steps: int = 1,
+        incumbent: IncumbentMode = "completed",
+        quantiles: Sequence[float] = DEFAULT_QUANTILES,
+        fail_open: bool = True,
+    ) -> None:
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+            raise CurvecastError(f"horizon: must be an integer >= 1 (steps of a complete "
+                                 f"trial), got {horizon!r}")
+        for name, v, lo in (("n_startup_trials", n_startup_trials, 0),
+                            ("interval_steps", interval_steps, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise CurvecastError(f"{name}: must be an integer >= {lo}, got {v!r}")
+        self.horizon = horizon
+        self.bounds = bounds
+        self.first_step = int(first_step)
+        self.n_startup_trials = n_startup_trials
+        self.interval_steps = interval_steps
+        self.incumbent = check_incumbent_mode(incumbent)
+        self.fail_open = fail_open
+        self.decider = Decider(backend, rule, quantiles)
+
+    def _incumbent(self, study: optuna.study.Study, trial: FrozenTrial,
+                   direction: str) -> float | None:
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if len(done) < self.n_startup_trials:
+            return None
+        if self.incumbent == "completed":
+            return best((t.value for t in done), direction)
+        others = study.get_trials(deepcopy=False)
+        return best((v for t in others for v in t.intermediate_values.values()), direction)
+
+    def prune(self, study: optuna.study.Study, trial: FrozenTrial) -> bool:
+        if len(study.directions) != 1:
+            raise CurvecastError("study: CurvecastPruner needs a single-objective study "
+                                 f"(got {len(study.directions)} objectives)")
+        step = trial.last_step
+        if step is None or (step - self.first_step) % self.interval_steps:
+            return False
+        direction: Literal["max", "min"] = (
+            "max" if study.direction == StudyDirection.MAXIMIZE else "min")
+        inc = self._incumbent(study, trial, direction)
+        if inc is None:
+            return False
+        steps = [s for s in sorted(trial.intermediate_values)
+                 if math.isfinite(trial.intermediate_values[s])]  # NaN/inf: not observed
+        if not steps:
+            return False
+        if steps[0] < self.first_step:
+            raise CurvecastError(f"first_step: trial {trial.number} reported step {steps[0]} "
+                                 f"< first_step={self.first_step}; set first_step to the "
+                                 "first step your objective reports")
+        curve = Curve(
+            epochs=[s - self.first_step + 1 for s in steps],
+            values=[trial.intermediate_values[s] for s in steps],
+            horizon=float(self.horizon),
+            direction=direction,
+            bounds=self.bounds,
+        )
+        try:
+            d = self.decider([curve], [inc])[0]
+        except CurvecastError:
+            raise
+        except Exception as e:  # a transport or server failure must not kill the study
+            if not self.fail_open:
+                raise
+            log.warning("curvecast pruner: backend failed (%s); not pruning trial %d", e,
+                        trial.number)
+            return False
+        storage, tid = study._storage, trial._trial_id  # as Optuna's own pruners do
+        attrs: dict[str, Any] = {
+            "final_mean": d.final_mean,
+            "final_quantiles": {repr(q): v for q, v in d.final_quantiles.items()},
+            "prob_improve": d.prob_improve,
+            "prob_improve_final": d.prob_improve_final,
+            "step": step,
+            "stop": d.stop,
+            "reason": d.reason,
+        }
+        for k, v in attrs.items():
+            storage.set_trial_user_attr(tid, ATTR_PREFIX + k, v)
+        return d.stop
+
+
+__all__ = ["ATTR_PREFIX", "CurvecastPruner"]

@@ -1,0 +1,139 @@
+"""ONNX export of ``PFN.predict`` and the on-disk cache of exported models.
+
+The graph has four inputs with dynamic batch ``B``, context length ``K`` and query count ``Q``:
+``t_ctx`` (B, K) f32, ``y_ctx`` (B, K) f32, ``ctx_mask`` (B, K) bool, ``t_qry`` (B, Q) f32, and one
+output ``logits`` (B, Q, n_buckets) f32 — exactly ``PFN.predict``.
+
+Cache: ``pfn-<weights sha256>.v<EXPORT_VERSION>[.int8].onnx``, next to the weights when that
+directory is writable, else in the user cache directory (``~/.cache/curvecast``). The key is the
+weights' sha256 plus this module's export version (bump it when the export changes), and the
+server re-checks every loaded file against eager torch (``serve.runtime.check_parity``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from pfn.model import PFN
+
+EXPORT_VERSION = 1  # bump when the exported graph changes for the same weights
+OPSET = 20
+INPUT_NAMES = ("t_ctx", "y_ctx", "ctx_mask", "t_qry")
+OUTPUT_NAME = "logits"
+
+log = logging.getLogger("curvecast.serve")
+
+
+class PredictGraph(nn.Module):
+    """``PFN.predict`` as a module ``forward``, the function the ONNX graph computes."""
+
+    def __init__(self, model: PFN) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, t_ctx: Tensor, y_ctx: Tensor, ctx_mask: Tensor, t_qry: Tensor) -> Tensor:
+        return self.model.predict(t_ctx, y_ctx, ctx_mask, t_qry)
+
+
+def onnx_filename(sha256: str, quantized: bool = False) -> str:
+    if not sha256:
+        raise ValueError("sha256: the model has no weights digest; cannot key the ONNX cache")
+    return f"pfn-{sha256}.v{EXPORT_VERSION}{'.int8' if quantized else ''}.onnx"
+
+
+def export_onnx(model: PFN, path: str | Path) -> Path:
+    """Export ``model.predict`` to ``path`` (atomically: a crash never leaves a partial file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    graph = PredictGraph(model.eval()).eval()
+    # distinct sizes >= 2 so that torch.export neither specialises nor unifies the dims
+    ex = (torch.rand(3, 7), torch.rand(3, 7), torch.rand(3, 7) > 0.3, torch.rand(3, 5))
+    b = torch.export.Dim("batch", min=1, max=1 << 20)
+    k = torch.export.Dim("n_ctx", min=1, max=1 << 20)
+    q = torch.export.Dim("n_qry", min=1, max=1 << 20)
+    shapes = {"t_ctx": {0: b, 1: k}, "y_ctx": {0: b, 1: k}, "ctx_mask": {0: b, 1: k},
+              "t_qry": {0: b, 1: q}}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".onnx")
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False):
+            warnings.simplefilter("ignore")  # exporter chatter (axis renames, deprecations)
+            program = torch.onnx.export(
+                graph, ex, dynamo=True, dynamic_shapes=shapes, input_names=list(INPUT_NAMES),
+                output_names=[OUTPUT_NAME], opset_version=OPSET, optimize=True, verbose=False,
+            )
+            assert program is not None
+            program.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
+    """int8 dynamic quantisation of the MatMul weights (activations stay f32)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst = Path(dst)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".onnx")
+    os.close(fd)
+    try:
+        quantize_dynamic(str(src), tmp, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul"])
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dst
+
+
+def _writable(d: Path) -> bool:
+    """Can we create files in d? (Tries it: os.access lies on read-only mounts.)"""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".curvecast-probe-")
+    except OSError:
+        return False
+    os.close(fd)
+    Path(tmp).unlink(missing_ok=True)
+    return True
+
+
+def find_cached(model_dir: Path, cache_dir: Path, sha256: str, quantized: bool = False
+                ) -> Path | None:
+    name = onnx_filename(sha256, quantized)
+    for d in (model_dir, cache_dir):
+        if (d / name).is_file():
+            return d / name
+    return None
+
+
+def ensure_onnx(model: PFN, model_dir: Path, sha256: str, cache_dir: Path,
+                quantized: bool = False, force: bool = False) -> Path:
+    """The cached ONNX file for these weights, exporting (and quantising) it on a miss."""
+    if not force:
+        hit = find_cached(model_dir, cache_dir, sha256, quantized)
+        if hit is not None:
+            return hit
+    target_dir = model_dir if _writable(model_dir) else cache_dir
+    if not _writable(target_dir):
+        raise OSError(f"cannot write the ONNX export to {model_dir} or {cache_dir}; "
+                      "set CURVECAST_CACHE_DIR to a writable directory")
+    target_dir.mkdir(parents=True, exist_ok=True)
+    fp32 = target_dir / onnx_filename(sha256, False)
+    if force or not fp32.is_file():
+        log.info("exporting the model to ONNX: %s", fp32)
+        export_onnx(model, fp32)
+    if not quantized:
+        return fp32
+    int8 = target_dir / onnx_filename(sha256, True)
+    log.info("quantising the ONNX model to int8: %s", int8)
+    return quantize_onnx(fp32, int8)

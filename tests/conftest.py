@@ -1,0 +1,29 @@
+import os
+
+# Triton kernels run on the CPU only in the interpreter; must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from pfn.model import PFN, PFNConfig  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REAL_CURVES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                           "real_curves.npz")
+
+
+@pytest.fixture
+def tiny_model() -> PFN:
+    """A small random-weight PFN (seeded) for shape and semantics tests."""
+    torch.manual_seed(0)
+    cfg = PFNConfig(n_layers=2, d_model=32, n_heads=4, d_ff=64, n_buckets=50, encoder_hidden=16)
+    return PFN(cfg, torch.linspace(-0.2, 1.2, 51)).eval()
+
+
+@pytest.fixture(scope="session")
+def real_curves_path() -> str:
+    if not os.path.exists(REAL_CURVES):
+        pytest.skip("../shared/data/real_curves.npz not present")
+    return REAL_CURVES

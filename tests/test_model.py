@@ -1,0 +1,155 @@
+import numpy as np
+import pytest
+import torch
+
+from pfn import Curve, CurveError, Predictor
+from pfn.model import PFNConfig, pfn_attention_mask
+
+
+def test_mask_rule():
+    is_ctx = torch.tensor([[True, True, False, False]])
+    m = pfn_attention_mask(is_ctx)[0, 0]
+    want = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    assert torch.equal(m, want)
+
+
+def _ctx(k=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.sort(torch.rand(1, k, generator=g)).values
+    return t, torch.rand(1, k, generator=g), torch.ones(1, k, dtype=torch.bool)
+
+
+def test_query_answer_independent_of_other_queries(tiny_model):
+    t, y, m = _ctx()
+    q_all = torch.tensor([[0.3, 0.55, 0.8, 1.0]])
+    full = tiny_model.predict(t, y, m, q_all)
+    for j in range(4):
+        alone = tiny_model.predict(t, y, m, q_all[:, j : j + 1])
+        assert torch.allclose(full[:, j], alone[:, 0], atol=1e-5)
+    perm = tiny_model.predict(t, y, m, q_all[:, [3, 1, 0, 2]])
+    assert torch.allclose(perm, full[:, [3, 1, 0, 2]], atol=1e-5)
+
+
+def test_padding_does_not_change_answers(tiny_model):
+    t, y, m = _ctx(5)
+    q = torch.tensor([[0.9]])
+    ref = tiny_model.predict(t, y, m, q)
+    pad_t = torch.cat([t, torch.rand(1, 3)], 1)
+    pad_y = torch.cat([y, torch.rand(1, 3)], 1)
+    pad_m = torch.cat([m, torch.zeros(1, 3, dtype=torch.bool)], 1)
+    assert torch.allclose(tiny_model.predict(pad_t, pad_y, pad_m, q), ref, atol=1e-5)
+
+
+def test_training_layout_equals_inference_layout(tiny_model):
+    """Per-curve cutoffs in one sequence (training) give the inference layout's answers."""
+    y = torch.rand(2, 10)
+    t = (torch.arange(1, 11) / 10.0).expand(2, 10)
+    cut = torch.tensor([3, 6])
+    is_ctx = torch.arange(10)[None] < cut[:, None]
+    logits = tiny_model(t, y, is_ctx)
+    for b in range(2):
+        c = int(cut[b])
+        inf = tiny_model.predict(t[b : b + 1, :c], y[b : b + 1, :c],
+                                 torch.ones(1, c, dtype=torch.bool), t[b : b + 1, c:])
+        assert torch.allclose(logits[b, c:], inf[0], atol=1e-5)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="divisible"):
+        PFNConfig(d_model=30, n_heads=4)
+
+
+@pytest.fixture
+def predictor(tiny_model):
+    return Predictor(tiny_model)
+
+
+def test_ragged_batch_equals_one_at_a_time(predictor):
+    curves = [
+        Curve([1, 2, 3], [0.2, 0.3, 0.35], horizon=10, query_epochs=[5, 10]),
+        Curve([2, 4, 8, 16, 20], [0.5, 0.6, 0.62, 0.7, 0.71], horizon=50),
+        Curve([1, 3], [2.3, 1.9], horizon=30, query_epochs=[4, 10, 30], direction="min"),
+        Curve([0.5, 1, 1.5], [0.1, np.nan, 0.3], horizon=3, query_epochs=[2, 3],
+              bounds=(0, 1)),
+    ]
+    batch = predictor.predict(curves)
+    for c, pb in zip(curves, batch, strict=True):
+        (one,) = predictor.predict([c])
+        np.testing.assert_allclose(pb.mean, one.mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(pb.quantile([0.1, 0.9]), one.quantile([0.1, 0.9]),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_min_direction_mirrors_max(predictor):
+    """A loss curve is the mirror image of an accuracy curve with the same bounds."""
+    e, v = [1, 2, 3, 4], np.array([0.3, 0.4, 0.45, 0.5])
+    up = predictor.predict([Curve(e, v, 20, [10, 20], "max", (0.0, 1.0))])[0]
+    dn = predictor.predict([Curve(e, 1 - v, 20, [10, 20], "min", (0.0, 1.0))])[0]
+    np.testing.assert_allclose(dn.mean, 1 - up.mean, atol=1e-5)
+    np.testing.assert_allclose(dn.quantile(0.1), 1 - up.quantile(0.9), atol=1e-4)
+    np.testing.assert_allclose(dn.prob_greater(0.4), 1 - up.prob_greater(0.6), atol=1e-5)
+    np.testing.assert_allclose(dn.log_density(0.35), up.log_density(0.65), atol=1e-4)
+
+
+def test_units_affine_equivariance(predictor):
+    """Unbounded metrics: scaling the values scales the answers (auto normalisation)."""
+    e, v = [1, 2, 3, 5], np.array([10.0, 14.0, 16.0, 17.0])
+    a = predictor.predict([Curve(e, v, 20)])[0]
+    b = predictor.predict([Curve(e, 3 * v + 7, 20)])[0]
+    np.testing.assert_allclose(b.mean, 3 * a.mean + 7, rtol=1e-5)
+    np.testing.assert_allclose(b.std, 3 * a.std, rtol=1e-4)
+    np.testing.assert_allclose(b.log_density(3 * a.mean + 7), a.log_density(a.mean) - np.log(3),
+                               atol=1e-4)
+
+
+def test_posterior_api_shapes(predictor):
+    p = predictor.predict([Curve([1, 2], [0.2, 0.3], 10, [4, 6, 10])])[0]
+    assert p.mean.shape == p.std.shape == p.median.shape == (3,)
+    assert p.quantile([0.1, 0.5, 0.9]).shape == (3, 3)
+    assert p.sample(11, seed=0).shape == (3, 11)
+    assert bool((np.diff(p.quantile([0.1, 0.5, 0.9]), axis=1) > 0).all())
+    cdf = p.cdf([0.1, 0.5, 0.9])
+    assert bool((np.diff(cdf, axis=1) >= 0).all())
+    np.testing.assert_allclose(p.prob_greater(0.5), 1 - cdf[:, 1], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "curve, field, words",
+    [
+        (Curve([], [], 10), "epochs", "empty"),
+        (Curve([1, 2], [np.nan, np.nan], 10), "values", "all NaN"),
+        (Curve([-1, 2], [0.1, 0.2], 10), "epochs", "positive"),
+        (Curve([2, 1], [0.1, 0.2], 10), "epochs", "strictly increasing"),
+        (Curve([1, 1], [0.1, 0.2], 10), "epochs", "strictly increasing"),
+        (Curve([1, 2, 3], [0.1, 0.2], 10), "values", "3"),
+        (Curve([1, 2], [0.1, 0.2], -5), "horizon", "positive"),
+        (Curve([1, 20], [0.1, 0.2], 10), "epochs", "exceeds horizon"),
+        (Curve([1, 2], [0.1, 0.2], 10, query_epochs=[11]), "query_epochs", "horizon"),
+        (Curve([1, 2], [0.1, np.inf], 10), "values", "inf"),
+        (Curve([1, 2], [0.1, 0.2], 10, direction="up"), "direction", "'max' or 'min'"),
+        (Curve([1, 2], [0.1, 0.2], 10, bounds=(1, 0)), "bounds", "lo < hi"),
+        (Curve([[1, 2]], [[0.1, 0.2]], 10), "epochs", "one-dimensional"),
+    ],
+)
+def test_user_errors_name_curve_field_and_fix(predictor, curve, field, words):
+    ok = Curve([1, 2], [0.1, 0.2], 10)
+    with pytest.raises(CurveError) as ei:
+        predictor.predict([ok, curve])
+    e = ei.value
+    assert isinstance(e, ValueError) and e.index == 1 and e.field == field
+    assert f"curves[1].{field}" in str(e) and words in str(e) and e.fix
+
+
+def test_long_curves_are_subsampled(predictor):
+    e = np.arange(1, 301)
+    v = 1 - 1 / np.sqrt(e)
+    prep = predictor.prepare([Curve(e, v, 300)])
+    assert int(prep.ctx_mask.sum()) == predictor.max_context
+    assert float(prep.t_ctx[0, -1]) == 1.0  # the last point is kept
+
+
+def test_default_model_loads_and_verifies():
+    p = Predictor.load()
+    assert len(p.sha256) == 64
+    post = p.predict([Curve([1, 2, 3, 4, 5], [0.2, 0.35, 0.45, 0.5, 0.55], 50, bounds=(0, 1))])[0]
+    assert np.isfinite(post.mean).all() and 0 < float(post.mean[0]) < 1.2

@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prior import BASES, CurvePrior, get_prior, sample_cutoffs
+from prior.core import _screen
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(0, 300), seed=st.integers(0, 2**31 - 1), m=st.integers(2, 120))
+def test_bounds_shapes_and_rules(n, seed, m):
+    b = CurvePrior(n_epochs=m).sample(n, torch.Generator().manual_seed(seed))
+    assert b.y.shape == b.f.shape == (n, m) and b.sigma.shape == (n,)
+    assert torch.equal(b.x, torch.arange(1, m + 1, dtype=torch.float32))
+    assert bool(((b.f >= 0) & (b.f <= 1)).all())  # noise-free curve stays in [0, 1]
+    assert bool((b.f[:, -1] > b.f[:, 0]).all())  # y(m) > y(1)
+    assert bool(torch.isfinite(b.y).all()) and bool((b.sigma > 0).all())
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_deterministic(seed):
+    p = CurvePrior()
+    a = p.sample(257, torch.Generator().manual_seed(seed))
+    b = p.sample(257, torch.Generator().manual_seed(seed))
+    assert torch.equal(a.y, b.y) and torch.equal(a.f, b.f)
+    c = p.sample(257, torch.Generator().manual_seed(seed + 1))
+    assert not torch.equal(a.y, c.y)
+
+
+def test_noise_model():
+    b = CurvePrior().sample(20000, torch.Generator().manual_seed(1))
+    ls = b.sigma.log()
+    assert abs(float(ls.mean()) + 4) < 0.05 and abs(float(ls.std()) - 1) < 0.05
+    z = (b.y - b.f) / b.sigma[:, None]  # standardised noise: i.i.d. N(0, 1)
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+
+
+def test_basis_formulas_by_hand():
+    x = torch.tensor([1.0, 2.0, 10.0], dtype=torch.float64)
+    p = {k: torch.tensor([[v]], dtype=torch.float64) for k, v in
+         {"c": 0.9, "a": 0.5, "alpha": 0.7}.items()}
+    assert torch.allclose(BASES["pow3"].fn(x, p)[0], 0.9 - 0.5 * x ** -0.7)
+    p = {"c": torch.tensor([[0.8]]).double(), "a": torch.tensor([[0.3]]).double()}
+    assert torch.allclose(BASES["ilog2"].fn(x, p)[0], 0.8 - 0.3 / torch.log(x + 1))
+    p = {k: torch.tensor([[v]], dtype=torch.float64) for k, v in
+         {"a": 0.9, "beta": 0.1, "k": 0.2, "delta": 1.3}.items()}
+    want = 0.9 - (0.9 - 0.1) * torch.exp(-0.2 * x ** 1.3)
+    assert torch.allclose(BASES["janoschek"].fn(x, p)[0], want)
+
+
+def test_rejection_rules():
+    """Each of lcpfn's three rules rejects on its own."""
+    x = torch.arange(1, 101, dtype=torch.float32)
+    comps = ("pow3",)
+
+    def ok(c, a, alpha):
+        p = [{"c": torch.tensor([[c]]), "a": torch.tensor([[a]]), "alpha": torch.tensor([[alpha]])}]
+        return bool(_screen(comps, True, x, torch.ones(1, 1), p)[1][0])
+
+    assert ok(0.9, 0.5, 0.5)  # increasing, inside [0, 1]
+    assert not ok(0.9, -0.5, 0.5)  # decreasing: y(100) <= y(1)
+    assert not ok(1.2, 0.1, 0.5)  # leaves [0, 1]
+    assert not ok(float("nan"), 0.1, 0.5)  # NaN
+
+
+def test_matches_lcpfn_reference_distribution():
+    """Same distribution as lcpfn's own sampler (two-sample KS on start, end and mid values)."""
+    lcpfn = pytest.importorskip("lcpfn.domhan_prior")
+    from scipy.stats import ks_2samp
+
+    rng = np.random.RandomState(0)
+    ref = np.stack([lcpfn.sample_from_prior(rng)()[1] for _ in range(1500)])
+    ours = CurvePrior().sample(20000, torch.Generator().manual_seed(0)).y.numpy()
+    for j in (0, 9, 49, 99):
+        assert ks_2samp(ref[:, j], ours[:, j]).pvalue > 1e-3, j
+
+
+def test_extended_prior_and_registry():
+    p = get_prior("domhan")
+    assert len(p.components) == 11
+    b = get_prior("pow3+weibull").sample(50, torch.Generator().manual_seed(0))
+    assert bool(((b.f >= 0) & (b.f <= 1)).all())
+    with pytest.raises(ValueError, match="unknown"):
+        get_prior("nope")
+
+
+def test_cutoffs_per_curve():
+    c = sample_cutoffs(5000, 100, torch.Generator().manual_seed(0))
+    assert int(c.min()) == 1 and int(c.max()) == 99 and len(torch.unique(c)) == 99

@@ -1,0 +1,113 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.config import TrainConfig, apply_overrides, load_config, parse_cli_overrides
+from train.loop import Trainer, lr_at
+
+TINY = {
+    "model.n_layers": 1, "model.d_model": 16, "model.n_heads": 2, "model.d_ff": 32,
+    "model.n_buckets": 20, "model.encoder_hidden": 8, "batch_size": 8, "border_curves": 200,
+    "eval_every": 0, "log_every": 1, "threads": 1,
+}
+
+
+def _args(d):
+    return [f"--{k}={v}" for k, v in d.items()]
+
+
+def test_overrides_typed_and_unknown_rejected(tmp_path):
+    cfg = apply_overrides(TrainConfig(), parse_cli_overrides(["--lr=3e-4", "--model.n_layers", "5",
+                                                              "--bf16=true"]))
+    assert cfg.lr == 3e-4 and cfg.model.n_layers == 5 and cfg.bf16 is True
+    with pytest.raises(ValueError, match="unknown config key 'lrr'"):
+        apply_overrides(TrainConfig(), {"lrr": 1})
+    with pytest.raises(ValueError, match="unknown config key 'model.width'"):
+        apply_overrides(TrainConfig(), {"model.width": 1})
+    with pytest.raises(ValueError, match="expected int"):
+        apply_overrides(TrainConfig(), {"batch_size": "many"})
+    f = tmp_path / "c.toml"
+    f.write_text('lr = 0.01\n[model]\nn_layers = 2\n')
+    cfg = load_config(f, {"seed": "3"})
+    assert (cfg.lr, cfg.model.n_layers, cfg.seed) == (0.01, 2, 3)
+    f.write_text('[model]\nn_layerz = 2\n')
+    with pytest.raises(ValueError, match="n_layerz"):
+        load_config(f)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(n_curves=128 * 100, warmup_frac=0.1, min_lr_ratio=0.1)
+    lrs = [lr_at(cfg, s) for s in range(100)]
+    assert lrs[0] < lrs[9] == pytest.approx(cfg.lr)
+    assert lrs[-1] == pytest.approx(0.1 * cfg.lr, rel=0.02)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+
+
+def _losses(path: Path) -> dict[int, float]:
+    out = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = r["loss"]  # later lines (after a resume) win
+    return out
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    steps = 12
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    base = apply_overrides(TrainConfig(), {**TINY, "n_curves": 8 * steps, "ckpt_every": 2})
+    Trainer(apply_overrides(base, {"out_dir": str(ref_dir)})).run(progress=False)
+    ref = _losses(ref_dir / "metrics.jsonl")
+    assert sorted(ref) == list(range(1, steps + 1))
+
+    args = [sys.executable, "-m", "train", *_args({**TINY, "n_curves": 8 * steps, "ckpt_every": 2,
+                                                  "out_dir": run_dir}), "--no-progress"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = _losses(metrics)
+    assert max(done) < steps, "run finished before it could be killed"
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    got = _losses(metrics)
+    assert sorted(got) == list(range(1, steps + 1))
+    for s in range(1, steps + 1):
+        assert got[s] == pytest.approx(ref[s], rel=1e-5, abs=1e-6), s
+    assert (run_dir / "model" / "model.safetensors").exists()
+
+
+def test_resume_rejects_other_config(tmp_path):
+    cfg = apply_overrides(TrainConfig(), {**TINY, "n_curves": 16, "out_dir": str(tmp_path)})
+    Trainer(cfg).run(progress=False)
+    with pytest.raises(ValueError, match="config differs"):
+        Trainer(apply_overrides(cfg, {"lr": 0.5})).run(progress=False)
+
+
+def test_ddp_two_gloo_processes(tmp_path):
+    out = tmp_path / "ddp"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+            "--standalone", "-m", "train",
+            *_args({**TINY, "n_curves": 8 * 4, "ckpt_every": 2, "out_dir": out, "device": "cpu"}),
+            "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]  # rank 0 logs alone
+    from train.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(out / "checkpoint.safetensors")
+    assert ck["meta"]["world"] == 2 and len(ck["rng_prior"]) == 2
+    assert not torch.equal(ck["rng_prior"][0], ck["rng_prior"][1])  # different prior streams
+    assert (out / "model" / "config.json").exists()
