@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prior.basis import BASES
+from prior.basis import BASES, ParamPrior
 
 Tensor = torch.Tensor
 _CHUNK = 1 << 15  # max proposals per round
@@ -64,33 +64,23 @@ class CurvePrior:
     def name(self) -> str:
         return "lcpfn" if self.components == LCPFN_COMPONENTS else "+".join(self.components)
 
-    def _propose(
-        self, n: int, g: torch.Generator, dtype: torch.dtype = torch.float32
-    ) -> tuple[Tensor, list[dict[str, Tensor]]]:
-        """n proposals: weights (n, K) and each basis' parameters, two RNG calls in all."""
-        specs = [p for c in self.components for p in BASES[c].params]
-        uni = [i for i, p in enumerate(specs) if p.dist not in ("normal", "lognormal")]
-        u = torch.rand(n, len(self.components) + len(uni), generator=g, dtype=dtype)
-        z = torch.randn(n, len(specs) - len(uni), generator=g, dtype=dtype)
-        cols = iter(u[:, len(self.components) :].T)
-        zcols = iter(z.T)
-        values = [p.transform(next(cols) if i in uni else next(zcols)) for i, p in enumerate(specs)]
-        params, j = [], 0
-        for c in self.components:
-            names = [p.name for p in BASES[c].params]
-            params.append({nm: values[j + i][:, None] for i, nm in enumerate(names)})
-            j += len(names)
-        return u[:, : len(self.components)], params
+    def _draws(self, n: int, g: torch.Generator, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """n proposals as standard draws: u (n, K + #uniform params) ~ U(0,1) (the weights
+        first), z (n, #normal params) ~ N(0,1). Two RNG calls per round."""
+        u = torch.rand(n, len(self.components) + _n_uniform(self.components), generator=g,
+                       dtype=dtype)
+        z = torch.randn(n, _n_params(self.components) - _n_uniform(self.components),
+                        generator=g, dtype=dtype)
+        return u, z
 
-    def _screen(self, x: Tensor, w: Tensor, params: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
-        fn = _compiled_screen(self.components) if self.compiled else _screen
-        p = [{name: v.to(x.dtype) for name, v in d.items()} for d in params]
-        return fn(self.components, self.range_constraint, x, w.to(x.dtype), p)
+    def _screen(self, x: Tensor, u: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        fn = _compiled_screen_draws(self.components) if self.compiled else _screen_draws
+        return fn(self.components, self.range_constraint, x, u, z)
 
     def _accepted(
         self, n: int, g: torch.Generator, dtype: torch.dtype
-    ) -> Iterator[tuple[Tensor, list[dict[str, Tensor]], Tensor]]:
-        """Accepted (weights, parameters, noise-free curves) in rounds, n in all."""
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Accepted proposals (their draws u, z and noise-free curves f) in rounds, n in all."""
         if n < 0:
             raise ValueError(f"n: must be >= 0, got {n}")
         x = torch.arange(1, self.n_epochs + 1, dtype=dtype)
@@ -101,16 +91,16 @@ class CurvePrior:
                 return
             # proposals in chunks of <= _CHUNK: small temporaries are much faster to allocate
             k = min(int(math.ceil((n - got) / max(accept, 1e-4) * 1.15)) + 16, _CHUNK)
-            w, params = self._propose(k, g, dtype)
+            u, z = self._draws(k, g, dtype)
             # stage 1: both end points (f(m) > f(1), range, NaN) for every proposal
-            idx = self._screen(ends, w, params)[1].nonzero().squeeze(1)
+            idx = self._screen(ends, u, z)[1].nonzero().squeeze(1)
             # stage 2: every epoch, only for the survivors
-            w, params = w[idx], [{p: v[idx] for p, v in d.items()} for d in params]
-            f, ok = self._screen(x, w, params)
+            u, z = u[idx], z[idx]
+            f, ok = self._screen(x, u, z)
             keep = ok.nonzero().squeeze(1)[: n - got]
             got += keep.numel()
             accept = 0.5 * accept + 0.5 * max(int(ok.sum()) / k, 1e-4)
-            yield w[keep], [{p: v[keep] for p, v in d.items()} for d in params], f[keep]
+            yield u[keep], z[keep], f[keep]
         if got < n:
             raise RuntimeError(
                 f"prior {self.name}: only {got}/{n} curves accepted after {self.max_rounds} "
@@ -139,11 +129,10 @@ class CurvePrior:
         draws (it does not reproduce ``sample``'s curves). Used to start MCMC chains."""
         rounds = list(self._accepted(n, generator, torch.float64))
         if not rounds:
-            return self._propose(0, generator, torch.float64)
-        ws = torch.cat([w for w, _, _ in rounds])
-        params = [{p: torch.cat([r[1][k][p] for r in rounds]) for p in rounds[0][1][k]}
-                  for k in range(len(self.components))]
-        return ws, params
+            return _from_draws(self.components, *self._draws(0, generator, torch.float64))
+        u = torch.cat([r[0] for r in rounds])
+        z = torch.cat([r[1] for r in rounds])
+        return _from_draws(self.components, u, z)
 
 
 def _screen(
@@ -163,9 +152,48 @@ def _screen(
     return f, ok
 
 
+def _specs(components: tuple[str, ...]) -> list[ParamPrior]:
+    return [p for c in components for p in BASES[c].params]
+
+
+def _n_params(components: tuple[str, ...]) -> int:
+    return len(_specs(components))
+
+
+def _n_uniform(components: tuple[str, ...]) -> int:
+    return sum(p.dist not in ("normal", "lognormal") for p in _specs(components))
+
+
+def _from_draws(
+    components: tuple[str, ...], u: Tensor, z: Tensor
+) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    """Standard draws -> weights (n, K) and each basis' parameters ((n, 1) tensors)."""
+    K = len(components)
+    iu, iz = K, 0
+    params: list[dict[str, Tensor]] = []
+    for c in components:
+        d = {}
+        for p in BASES[c].params:
+            if p.dist in ("normal", "lognormal"):
+                r, iz = z[:, iz], iz + 1
+            else:
+                r, iu = u[:, iu], iu + 1
+            d[p.name] = p.transform(r)[:, None]
+        params.append(d)
+    return u[:, :K], params
+
+
+def _screen_draws(
+    components: tuple[str, ...], range_constraint: bool, x: Tensor, u: Tensor, z: Tensor
+) -> tuple[Tensor, Tensor]:
+    """_screen on proposals given as standard draws (one fused kernel when compiled)."""
+    w, params = _from_draws(components, u, z)
+    return _screen(components, range_constraint, x, w, params)
+
+
 @functools.cache
-def _compiled_screen(components: tuple[str, ...]) -> Callable[..., tuple[Tensor, Tensor]]:
-    return torch.compile(_screen, dynamic=True)  # type: ignore[no-any-return]
+def _compiled_screen_draws(components: tuple[str, ...]) -> Callable[..., tuple[Tensor, Tensor]]:
+    return torch.compile(_screen_draws, dynamic=True)  # type: ignore[no-any-return]
 
 
 PRIORS: dict[str, CurvePrior] = {

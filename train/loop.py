@@ -29,6 +29,9 @@ from train.checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
 from train.config import TrainConfig
 
 EVAL_CUTOFFS = (10, 20, 40, 80)
+# config keys that may change between a run and its resumption (they don't change the maths)
+OPERATIONAL_KEYS = frozenset({"threads", "device", "ckpt_every", "log_every", "eval_every",
+                              "eval_curves", "compile", "out_dir"})
 
 
 @dataclass
@@ -160,9 +163,10 @@ class Trainer:
             return False
         ck = load_checkpoint(self.ckpt_path)
         saved = TrainConfig.from_dict(ck["meta"]["config"]).to_dict()  # new fields: defaults
-        if saved != self.cfg.to_dict():
-            diff = {k: (saved.get(k), v) for k, v in self.cfg.to_dict().items()
-                    if saved.get(k) != v}
+        now = self.cfg.to_dict()
+        diff = {k: (saved.get(k), v) for k, v in now.items()
+                if saved.get(k) != v and k not in OPERATIONAL_KEYS}
+        if diff:
             raise ValueError(f"{self.ckpt_path}: config differs from the checkpoint's: {diff}; "
                              "use the same config or another out_dir")
         if ck["meta"]["world"] != self.dist.world:

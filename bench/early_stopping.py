@@ -1,0 +1,585 @@
+"""Replay HPO with early stopping on real learning curves (the LC-PFN paper's protocol).
+
+    python bench/early_stopping.py --curves ../shared/data/real_curves.npz [--json]
+    python bench/early_stopping.py --curves FILE --tasks wikitext --orderings 5   # quick look
+    python bench/early_stopping.py --render out1.json out2.json    # tables of saved runs
+
+Protocol, per task (all curves with the same ``task``; one curve = one trial):
+
+* ``--orderings`` (40) random orderings of the trials, the same for every policy. Trials run
+  one after another and reveal their curve point by point (one point = one epoch of cost; a
+  trial that crashed early simply ends). A policy decides after every point whether to stop
+  the running trial; a stopped trial never resumes. The budget is 20 full runs: 20 x the mean
+  number of points of the task's curves. The replay of an ordering ends when the budget is
+  spent or every trial was tried.
+* Values: regret is always measured on ``y`` (normalised to [0, 1], higher is better, clipped;
+  robust to diverged runs). Decisions use ``y`` too by default (``--values y``; the model sees
+  bounds (0, 1)). With ``--values raw`` the policies see ``y_raw`` in the metric's direction;
+  curvecast then gets causal bounds: (0, 1) for accuracies, (0, norm_zero) for losses, where
+  ``norm_zero`` is the untrained model's loss (``y``'s loss normalisation uses the task's
+  lowest loss, a mild look-ahead).
+* Anytime regret after e epochs: (best value of any point of any trial of the task - best
+  value revealed so far) / (max - min of the trials' final values), i.e. the best checkpoint
+  found so far; averaged over the orderings. ``regret`` in the rows is its value at the end of
+  the budget.
+* Speed-up: epochs the no-stopping baseline needs to reach its own end-of-budget mean regret
+  divided by the epochs the policy needs to reach that regret or better (``null`` when it
+  never does within the budget). ``epochs_used``: mean epochs spent (<= budget);
+  ``epochs_to_target``: the denominator of the speed-up.
+
+Policies: ``none``; ``curvecast-d<delta>`` (the paper's rule at several confidence levels; the
+incumbent is the best value revealed so far, this trial's included); ``patience-<k>`` (stop
+a trial after k points without improving on its own best; k = 0 stops at the first point
+that does not improve); Optuna's ``MedianPruner``, ``SuccessiveHalvingPruner`` and
+``HyperbandPruner`` (defaults; real Optuna studies driven with ask/report/should_prune/tell).
+
+Efficiency: a curvecast decision depends on the incumbent only through a threshold: the rule
+``P(y_t' > inc) <= delta for all checked t'`` holds iff ``inc >= max_t' Q_t'(1 - delta)``. So
+one forward pass per (trial, points seen) gives the decision for every incumbent and every
+delta; these are cached per task, and the 40 orderings advance in lockstep so that the missing
+ones are computed in batches. The inference cost per decision is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from pfn import Curve, Predictor  # noqa: E402
+from pfn.early_stop import MAX_CHECKED_EPOCHS, checked_epochs, decide  # noqa: E402
+
+BUDGET_RUNS = 20  # the budget, in full runs
+DEFAULT_DELTAS = (0.01, 0.05, 0.1)
+PATIENCES = (0, 1, 5, 10, 20, 50)
+OPTUNA_PRUNERS = ("median", "successive_halving", "hyperband")
+BATCH = 128  # curves per forward pass
+BENCH_CHECKED_EPOCHS = 8  # remaining epochs checked per decision in the replay (cost ~ tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class Task:
+    name: str
+    y: np.ndarray  # (n, T) regret units: normalised, higher is better, NaN after the end
+    s: np.ndarray  # (n, T) the values policies see, higher is better (+y, +y_raw or -y_raw)
+    model_values: np.ndarray  # (n, T) what curvecast's model is given (y or y_raw)
+    x: np.ndarray  # (n, T) epoch / step of every point
+    lengths: np.ndarray  # (n,) points per trial
+    horizon: np.ndarray  # (n,) planned final x of every trial
+    direction: str  # "max" or "min": of model_values
+    bounds: tuple[float | None, float | None]  # for the model
+
+    @property
+    def n(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def budget(self) -> int:
+        return int(round(BUDGET_RUNS * float(self.lengths.mean())))
+
+
+def load_tasks(path: str | Path, values: str = "y", tasks: Sequence[str] | None = None,
+               min_trials: int = 20, filter_flat: bool = False) -> list[Task]:
+    d = np.load(path, allow_pickle=False)
+    names = d["task"].astype(str)
+    out = []
+    all_names = sorted(set(names.tolist()))
+    for name in all_names:
+        # an entry naming a task exactly selects only that task, else it is a substring
+        if tasks and not any(t == name or (t not in all_names and t in name) for t in tasks):
+            continue
+        m = names == name
+        lengths = d["lengths"][m].astype(int)
+        y = d["y"][m].astype(np.float64)
+        if filter_flat:
+            keep = d["complete"][m] & (np.nanmax(y, 1) - np.nanmin(y, 1) > 0.02)
+            m = np.flatnonzero(m)[keep]
+            lengths, y = lengths[keep], y[keep]
+        if len(lengths) < min_trials:
+            continue
+        x = d["x"][m].astype(np.float64)
+        last_x = x[np.arange(len(lengths)), lengths - 1]
+        horizon = np.maximum(d["budget"][m].astype(np.float64), last_x)
+        bounds: tuple[float | None, float | None]
+        if values == "y":
+            mv, s, direction, bounds = y, y, "max", (0.0, 1.0)
+        else:
+            raw = d["y_raw"][m].astype(np.float64)
+            direction = str(d["metric_direction"][m][0])
+            s = raw if direction == "max" else -raw
+            bounds = (0.0, 1.0) if direction == "max" else (0.0, float(d["norm_zero"][m][0]))
+            if direction == "max" and np.nanmax(raw) > 1.0:
+                bounds = (None, None)  # not an accuracy in [0, 1]: let the predictor infer
+            mv = raw
+        out.append(Task(name, y, s, mv, x, lengths, horizon, direction, bounds))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# replay
+
+
+@dataclass
+class Replay:
+    """One ordering of one task under one policy."""
+
+    order: np.ndarray
+    budget: int
+    pos: int = 0  # index into order of the running trial
+    k: int = 0  # points the running trial revealed
+    spent: int = 0
+    revealed: list[float] = field(default_factory=list)  # y of every revealed point
+    best_s: float = -math.inf  # best value (policy units) revealed so far: the incumbent
+    done: bool = False
+    trials_started: int = 0
+    runs: list[tuple[int, int]] = field(default_factory=list)  # (trial, points it revealed)
+    ctx: dict[str, Any] = field(default_factory=dict)  # per-policy state
+
+    def trial(self) -> int:
+        return int(self.order[self.pos])
+
+
+class Policy:
+    name = "none"
+
+    def start(self, r: Replay, task: Task, i: int) -> None:
+        pass
+
+    def observe(self, r: Replay, task: Task, i: int, k: int) -> None:
+        """Point k (1-based) of trial i was revealed."""
+
+    def end(self, r: Replay, task: Task, i: int, completed: bool) -> None:
+        pass
+
+    def decide(self, rs: list[Replay], task: Task) -> list[bool]:
+        return [False] * len(rs)
+
+
+def run_policy(task: Task, orders: np.ndarray, policy: Policy) -> list[Replay]:
+    """All orderings in lockstep: every round reveals one point per active replay, then the
+    policy decides for all replays whose trial goes on, in one call."""
+    reps = [Replay(order=o, budget=task.budget) for o in orders]
+    for r in reps:
+        r.trials_started = 1
+        policy.start(r, task, r.trial())
+    active = list(reps)
+    while active:
+        ask: list[Replay] = []
+        for r in active:
+            i = r.trial()
+            r.revealed.append(float(task.y[i, r.k]))
+            r.best_s = max(r.best_s, float(task.s[i, r.k]))
+            r.k += 1
+            r.spent += 1
+            policy.observe(r, task, i, r.k)
+            if r.k >= task.lengths[i]:
+                _finish(r, task, policy, completed=True)
+            elif r.spent >= r.budget:
+                _finish(r, task, policy, completed=False)
+            else:
+                ask.append(r)
+        if ask:
+            for r, stop in zip(ask, policy.decide(ask, task), strict=True):
+                if stop:
+                    _finish(r, task, policy, completed=False)
+        active = [r for r in active if not r.done]
+    return reps
+
+
+def _finish(r: Replay, task: Task, policy: Policy, completed: bool) -> None:
+    """End the running trial (completed, stopped, or out of budget); start the next one."""
+    i = r.trial()
+    policy.end(r, task, i, completed)
+    r.runs.append((i, r.k))
+    r.pos += 1
+    r.k = 0
+    if r.pos >= len(r.order) or r.spent >= r.budget:
+        r.done = True
+        return
+    r.trials_started += 1
+    policy.start(r, task, r.trial())
+
+
+# ---------------------------------------------------------------------------------------------
+# policies
+
+
+class Patience(Policy):
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.name = f"patience-{k}"
+
+    def start(self, r: Replay, task: Task, i: int) -> None:
+        r.ctx["own_best"], r.ctx["since"] = -math.inf, 0
+
+    def observe(self, r: Replay, task: Task, i: int, k: int) -> None:
+        v = float(task.s[i, k - 1])
+        if v > r.ctx["own_best"]:
+            r.ctx["own_best"], r.ctx["since"] = v, 0
+        else:
+            r.ctx["since"] += 1
+
+    def decide(self, rs: list[Replay], task: Task) -> list[bool]:
+        return [r.ctx["since"] > self.k for r in rs]
+
+
+class OptunaPolicy(Policy):
+    """A real Optuna study per ordering; the pruner decides through trial.should_prune()."""
+
+    def __init__(self, which: str) -> None:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        self.optuna = optuna
+        self.which = which
+        self.name = {"median": "optuna-median", "successive_halving": "optuna-sha",
+                     "hyperband": "optuna-hyperband"}[which]
+
+    def _pruner(self, task: Task) -> Any:
+        p = self.optuna.pruners
+        if self.which == "median":
+            return p.MedianPruner()
+        if self.which == "successive_halving":
+            return p.SuccessiveHalvingPruner()
+        return p.HyperbandPruner(min_resource=1, max_resource=int(task.lengths.max()))
+
+    def start(self, r: Replay, task: Task, i: int) -> None:
+        if "study" not in r.ctx:
+            r.ctx["study"] = self.optuna.create_study(
+                direction="maximize", pruner=self._pruner(task),
+                sampler=self.optuna.samplers.RandomSampler(seed=0))
+        r.ctx["trial"] = r.ctx["study"].ask()
+
+    def observe(self, r: Replay, task: Task, i: int, k: int) -> None:
+        r.ctx["trial"].report(float(task.s[i, k - 1]), k)
+
+    def end(self, r: Replay, task: Task, i: int, completed: bool) -> None:
+        st = self.optuna.trial.TrialState
+        t = r.ctx["trial"]
+        if completed:
+            r.ctx["study"].tell(t, float(task.s[i, task.lengths[i] - 1]))
+        else:
+            r.ctx["study"].tell(t, state=st.PRUNED)
+
+    def decide(self, rs: list[Replay], task: Task) -> list[bool]:
+        return [bool(r.ctx["trial"].should_prune()) for r in rs]
+
+
+@dataclass
+class InferenceStats:
+    forward_s: float = 0.0  # seconds in posterior_all + thresholds
+    computed: int = 0  # (trial, points) pairs that went through the model
+    answered: int = 0  # decisions answered (cache hits included)
+    batches: int = 0
+
+
+class ThresholdCache:
+    """Per task: (trial, points seen) -> the incumbent (policy units) at or above which the
+    all-epochs rule stops, for every delta. One forward pass per pair, batched."""
+
+    def __init__(self, predictor: Predictor, task: Task, deltas: Sequence[float],
+                 max_checked: int = MAX_CHECKED_EPOCHS, stats: InferenceStats | None = None):
+        self.predictor = predictor
+        self.task = task
+        self.deltas = np.asarray(deltas, dtype=np.float64)
+        self.max_checked = max_checked
+        self.cache: dict[tuple[int, int], np.ndarray] = {}
+        self.stats = stats or InferenceStats()
+
+    def curve(self, i: int, k: int) -> Curve:
+        t = self.task
+        xs = t.x[i, :k]
+        return Curve(xs, t.model_values[i, :k], horizon=float(t.horizon[i]),
+                     query_epochs=checked_epochs(float(xs[-1]), float(t.horizon[i]),
+                                                 max_points=self.max_checked),
+                     direction=t.direction,  # type: ignore[arg-type]
+                     bounds=t.bounds)
+
+    def compute(self, pairs: Sequence[tuple[int, int]]) -> None:
+        todo = sorted({p for p in pairs if p not in self.cache}, key=lambda p: p[1])
+        sign = 1.0 if self.task.direction == "max" else -1.0
+        levels = 1.0 - self.deltas if sign > 0 else self.deltas
+        for a in range(0, len(todo), BATCH):
+            chunk = todo[a:a + BATCH]
+            t0 = time.perf_counter()
+            post, starts = self.predictor.posterior_all([self.curve(i, k) for i, k in chunk])
+            q = sign * post.quantile(np.repeat(levels[None, :], len(post), axis=0))
+            thr = np.maximum.reduceat(q, np.asarray(starts[:-1]), axis=0)  # (len(chunk), nd)
+            self.stats.forward_s += time.perf_counter() - t0
+            self.stats.computed += len(chunk)
+            self.stats.batches += 1
+            for p, row in zip(chunk, thr, strict=True):
+                self.cache[p] = row
+
+    def get(self, i: int, k: int) -> np.ndarray:
+        return self.cache[(i, k)]
+
+
+class CurvecastPolicy(Policy):
+    def __init__(self, cache: ThresholdCache, j: int, min_epochs: int = 2) -> None:
+        self.cache = cache
+        self.j = j  # which delta
+        self.min_epochs = min_epochs
+        self.name = f"curvecast-d{cache.deltas[j]:g}"
+
+    def decide(self, rs: list[Replay], task: Task) -> list[bool]:
+        pairs = [(r.trial(), r.k) for r in rs]
+        need = [p for p, r in zip(pairs, rs, strict=True) if r.k >= self.min_epochs]
+        self.cache.compute(need)
+        self.cache.stats.answered += len(need)
+        return [r.k >= self.min_epochs and r.best_s >= self.cache.get(*p)[self.j]
+                for p, r in zip(pairs, rs, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+def regret_curves(task: Task, reps: Sequence[Replay]) -> np.ndarray:
+    """(orderings, budget) normalised regret after e = 1..budget epochs."""
+    finals = task.y[np.arange(task.n), task.lengths - 1]
+    span = float(finals.max() - finals.min()) or 1.0
+    best_any = float(np.nanmax(task.y))
+    out = np.empty((len(reps), task.budget))
+    for j, r in enumerate(reps):
+        b = np.maximum.accumulate(np.asarray(r.revealed))
+        row = np.full(task.budget, b[-1])
+        row[: len(b)] = b[: task.budget]
+        out[j] = (best_any - row) / span
+    return np.clip(out, 0.0, None)
+
+
+def first_reaching(curve: np.ndarray, target: float) -> int | None:
+    hit = np.flatnonzero(curve <= target + 1e-12)
+    return int(hit[0]) + 1 if hit.size else None
+
+
+def summarize(task: Task, results: dict[str, list[Replay]]) -> list[dict[str, Any]]:
+    curves = {p: regret_curves(task, reps).mean(0) for p, reps in results.items()}
+    base = curves["none"]
+    target = float(base[-1])
+    e_base = first_reaching(base, target)
+    rows = []
+    for p, reps in results.items():
+        e_pol = first_reaching(curves[p], target)
+        rows.append({
+            "task": task.name,
+            "policy": p,
+            "n_trials": task.n,
+            "speedup": (e_base / e_pol) if (e_base and e_pol) else None,
+            "regret": float(curves[p][-1]),
+            "epochs_used": float(np.mean([r.spent for r in reps])),
+            "epochs_to_target": e_pol,
+            "budget": task.budget,
+            "trials_started": float(np.mean([r.trials_started for r in reps])),
+        })
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+def single_decision_ms(predictor: Predictor, task: Task, repeats: int = 20) -> float:
+    """Latency of one decide() call for one trial with 10 points (batch of 1), median ms."""
+    i = int(np.argmax(task.lengths))
+    k = int(min(10, task.lengths[i] - 1))
+    c = Curve(task.x[i, :k], task.model_values[i, :k], float(task.horizon[i]),
+              direction=task.direction, bounds=task.bounds)  # type: ignore[arg-type]
+    decide(predictor, [c], [float(task.model_values[i, 0])])
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        decide(predictor, [c], [float(task.model_values[i, 0])])
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(ts))
+
+
+def run_task(task: Task, predictor: Predictor | None, policies: Sequence[str],
+             deltas: Sequence[float], orderings: int, seed: int, max_checked: int,
+             log: Callable[[str], None]) -> tuple[list[dict[str, Any]], InferenceStats]:
+    rng = np.random.default_rng([seed, sum(map(ord, task.name))])
+    orders = np.stack([rng.permutation(task.n) for _ in range(orderings)])
+    stats = InferenceStats()
+    todo: list[Policy] = [Policy()]
+    if "curvecast" in policies and predictor is not None:
+        cache = ThresholdCache(predictor, task, deltas, max_checked, stats)
+        todo += [CurvecastPolicy(cache, j) for j in range(len(deltas))]
+    if "patience" in policies:
+        todo += [Patience(k) for k in PATIENCES]
+    if "optuna" in policies:
+        todo += [OptunaPolicy(w) for w in OPTUNA_PRUNERS]
+    results = {}
+    for pol in todo:
+        t0 = time.perf_counter()
+        results[pol.name] = run_policy(task, orders, pol)
+        log(f"  {pol.name:22s} {time.perf_counter() - t0:7.1f} s")
+    return summarize(task, results), stats
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    out = ["| task | policy | trials | speed-up | regret | epochs used / budget |",
+           "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        sp = "never" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        out.append(f"| {r['task'][:44]} | {r['policy']} | {r['n_trials']} | {sp} | "
+                   f"{100 * r['regret']:.2f}% | {r['epochs_used']:.0f} / {r['budget']} |")
+    return "\n".join(out)
+
+
+def compact(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per task: speed-up / regret of the main policies (best patience by speed-up)."""
+    by_task: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], {})[r["policy"]] = r
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "-"
+        sp = "never" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        return f"{sp} / {100 * r['regret']:.2f}%"
+
+    cc = sorted({p for t in by_task.values() for p in t if p.startswith("curvecast")},
+                key=lambda p: float(p.split("-d")[1]))
+    cols = cc + ["best patience", "optuna-median", "optuna-sha", "optuna-hyperband"]
+    out = ["| task | trials | budget | none: regret | " + " | ".join(cols) + " |",
+           "|---|---:|---:|---:|" + "---:|" * len(cols)]
+    for task, ps in by_task.items():
+        pat = [r for p, r in ps.items() if p.startswith("patience")]
+        best_pat = max(pat, key=lambda r: (r["speedup"] or 0.0, -r["regret"])) if pat else None
+        cells = [cell(ps.get(p)) for p in cc]
+        cells.append(cell(best_pat) + (f" (k={best_pat['policy'].split('-')[1]})"
+                                       if best_pat else ""))
+        cells += [cell(ps.get(p)) for p in ("optuna-median", "optuna-sha", "optuna-hyperband")]
+        n = ps["none"]
+        out.append(f"| {task[:44]} | {n['n_trials']} | {n['budget']} | "
+                   f"{100 * n['regret']:.2f}% | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def render(paths: Sequence[str]) -> int:
+    """Print the tables of saved --out/--json files (several files: their rows concatenated)."""
+    rows: list[dict[str, Any]] = []
+    infos = []
+    for p in paths:
+        doc = json.loads(Path(p).read_text())
+        rows += doc["rows"]
+        infos.append(doc.get("inference", {}))
+    print(compact(rows))
+    print()
+    fwd = sum(i.get("forward_seconds", 0.0) for i in infos)
+    ev = sum(i.get("model_evaluations", 0) for i in infos)
+    dec = sum(i.get("decisions", 0) for i in infos)
+    single = [i["ms_single_decision_batch1"] for i in infos if i.get("ms_single_decision_batch1")]
+    print(f"inference: {ev} model evaluations for {dec} decisions in {fwd:.0f} s: "
+          f"{1e3 * fwd / max(ev, 1):.1f} ms per evaluation, {1e3 * fwd / max(dec, 1):.2f} ms per "
+          f"decision amortised; single decision (batch 1) median "
+          f"{float(np.median(single)) if single else float('nan'):.1f} ms")
+    return 0
+
+
+def log(s: str) -> None:
+    print(s, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--curves", help="a curve file in real_curves.npz's format")
+    ap.add_argument("--render", nargs="+", metavar="JSON",
+                    help="instead of running: print the summary tables of saved --out files")
+    ap.add_argument("--json", action="store_true", help="print JSON ({'rows': [...]})")
+    ap.add_argument("--out", help="also write the JSON to this file")
+    ap.add_argument("--tasks", default="", help="comma-separated substrings of task names")
+    ap.add_argument("--max-tasks", type=int, default=0, help="only the first N tasks (0: all)")
+    ap.add_argument("--orderings", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--deltas", default=",".join(map(str, DEFAULT_DELTAS)))
+    ap.add_argument("--policies", default="curvecast,patience,optuna",
+                    help="which families besides 'none': curvecast, patience, optuna")
+    ap.add_argument("--values", choices=("y", "raw"), default="y")
+    ap.add_argument("--filter-flat", action="store_true",
+                    help="keep complete curves with range > 0.02 only (the data's usual filter)")
+    ap.add_argument("--min-trials", type=int, default=20)
+    ap.add_argument("--max-checked", type=int, default=BENCH_CHECKED_EPOCHS,
+                    help="remaining epochs checked per curvecast decision (the API checks "
+                    f"{MAX_CHECKED_EPOCHS})")
+    ap.add_argument("--model", default=None, help="model name or directory (default: embedded)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    a = ap.parse_args(argv)
+    if a.render:
+        return render(a.render)
+    if not a.curves:
+        ap.error("--curves is required (or --render FILE...)")
+    torch.set_num_threads(a.threads)
+    policies = [p.strip() for p in a.policies.split(",") if p.strip()]
+    unknown = set(policies) - {"curvecast", "patience", "optuna"}
+    if unknown:
+        ap.error(f"--policies: unknown {sorted(unknown)}; use curvecast, patience, optuna")
+    deltas = [float(x) for x in a.deltas.split(",") if x]
+    tasks = load_tasks(a.curves, a.values, [t for t in a.tasks.split(",") if t],
+                       a.min_trials, a.filter_flat)
+    if a.max_tasks:
+        tasks = tasks[: a.max_tasks]
+    predictor = Predictor.load(a.model) if "curvecast" in policies else None
+    rows: list[dict[str, Any]] = []
+    total = InferenceStats()
+    t_all = time.perf_counter()
+    single = None
+    for t in tasks:
+        log(f"{t.name}: {t.n} trials, budget {t.budget} epochs, {a.orderings} orderings")
+        r, st = run_task(t, predictor, policies, deltas, a.orderings, a.seed, a.max_checked,
+                         log)
+        rows += r
+        for f in ("forward_s", "computed", "answered", "batches"):
+            setattr(total, f, getattr(total, f) + getattr(st, f))
+        if predictor is not None and single is None:
+            single = single_decision_ms(predictor, t)
+    inference = {
+        "forward_seconds": total.forward_s,
+        "model_evaluations": total.computed,
+        "decisions": total.answered,
+        "ms_per_model_evaluation": 1e3 * total.forward_s / max(total.computed, 1),
+        "ms_per_decision_amortised": 1e3 * total.forward_s / max(total.answered, 1),
+        "ms_single_decision_batch1": single,
+        "max_checked_epochs": a.max_checked,
+        "torch_threads": a.threads,
+    }
+    meta = {"curves": str(a.curves), "values": a.values, "orderings": a.orderings,
+            "seed": a.seed, "deltas": deltas, "filter_flat": a.filter_flat,
+            "budget_runs": BUDGET_RUNS, "wall_seconds": time.perf_counter() - t_all,
+            "model_sha256": predictor.sha256 if predictor else None}
+    doc = {"rows": rows, "inference": inference, "meta": meta}
+    if a.out:
+        Path(a.out).write_text(json.dumps(doc, indent=1))
+    if a.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        print(markdown(rows))
+        print()
+        print(compact(rows))
+        print()
+        print("inference:", json.dumps(inference))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
