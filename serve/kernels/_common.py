@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -60,3 +61,17 @@ def check_float(name: str, x: Tensor) -> None:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch, described once: the wrappers run it, ``serve.kernels.aot`` compiles
+    it ahead of time (for a GPU this machine need not have)."""
+
+    grid: tuple[int, ...]
+    args: dict[str, Any]  # runtime arguments by name
+    constexprs: dict[str, Any]
+    num_warps: int
+
+    def run(self, kernel: Any) -> None:
+        kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps)

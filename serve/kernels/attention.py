@@ -36,6 +36,7 @@ from pfn.model import pfn_attention_mask
 from serve.kernels._common import (
     KernelInputError,
     KernelMode,
+    Launch,
     check_float,
     is_interpreted,
     next_pow2,
@@ -47,7 +48,7 @@ MAX_HEAD_DIM = 256  # a row block of q and the accumulator stay in registers
 
 @triton.jit
 def _pfn_attention_kernel(
-    Q, K, V, CTX, O,
+    Q, K, V, CTX, Out,
     sq_b, sq_h, sq_l, sq_d,
     sk_b, sk_h, sk_l, sk_d,
     sv_b, sv_h, sv_l, sv_d,
@@ -59,19 +60,24 @@ def _pfn_attention_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,  # cast loads to fp32 (bf16 under the interpreter)
-    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for fp32 inputs
+    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for fp32, else None (default)
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)  # int64 base offsets: large batches exceed 2^31 elements
+    h = (pid_bh % H).to(tl.int64)
+    Q += b * sq_b + h * sq_h
+    K += b * sk_b + h * sk_h
+    V += b * sv_b + h * sv_h
+    Out += b * so_b + h * so_h
+    CTX += b * sc_b
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < L
     d_ok = offs_d < D
     md_ok = m_ok[:, None] & d_ok[None, :]
 
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d,
+    q = tl.load(Q + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d,
                 mask=md_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
     if UPCAST:
         q = q.to(tl.float32)
@@ -84,17 +90,17 @@ def _pfn_attention_kernel(
     last = tl.zeros([BLOCK_N], tl.int32)
     for start_c in range(0, L, BLOCK_N):
         offs_c = start_c + tl.arange(0, BLOCK_N)
-        c = tl.load(CTX + b * sc_b + offs_c * sc_l, mask=offs_c < L, other=0)
+        c = tl.load(CTX + offs_c * sc_l, mask=offs_c < L, other=0)
         last = tl.maximum(last, tl.where(c != 0, offs_c + 1, 0))
     kv_len = tl.max(last, 0)
     for start_n in range(0, kv_len, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < kv_len
         nd_ok = n_ok[:, None] & d_ok[None, :]
-        is_key = tl.load(CTX + b * sc_b + offs_n * sc_l, mask=n_ok, other=0) != 0
-        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_l + offs_d[None, :] * sk_d,
+        is_key = tl.load(CTX + offs_n * sc_l, mask=n_ok, other=0) != 0
+        k = tl.load(K + offs_n[:, None] * sk_l + offs_d[None, :] * sk_d,
                     mask=nd_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_l + offs_d[None, :] * sv_d,
+        v = tl.load(V + offs_n[:, None] * sv_l + offs_d[None, :] * sv_d,
                     mask=nd_ok, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
@@ -109,10 +115,10 @@ def _pfn_attention_kernel(
         m_i = m_new
 
     # the diagonal: each non-context row's own key, as one more score
-    row_ctx = tl.load(CTX + b * sc_b + offs_m * sc_l, mask=m_ok, other=0) != 0
-    k_self = tl.load(K + b * sk_b + h * sk_h + offs_m[:, None] * sk_l + offs_d[None, :] * sk_d,
+    row_ctx = tl.load(CTX + offs_m * sc_l, mask=m_ok, other=0) != 0
+    k_self = tl.load(K + offs_m[:, None] * sk_l + offs_d[None, :] * sk_d,
                      mask=md_ok, other=0.0).to(tl.float32)
-    v_self = tl.load(V + b * sv_b + h * sv_h + offs_m[:, None] * sv_l + offs_d[None, :] * sv_d,
+    v_self = tl.load(V + offs_m[:, None] * sv_l + offs_d[None, :] * sv_d,
                      mask=md_ok, other=0.0).to(tl.float32)
     s_self = tl.sum(q.to(tl.float32) * k_self, 1) * qk_scale
     s_self = tl.where(row_ctx, float("-inf"), s_self)
@@ -123,8 +129,8 @@ def _pfn_attention_kernel(
     acc = acc * alpha[:, None] + p_self[:, None] * v_self
 
     out = acc / l_i[:, None]
-    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_l + offs_d[None, :] * so_d,
-             out.to(O.dtype.element_ty), mask=md_ok)
+    tl.store(Out + offs_m[:, None] * so_l + offs_d[None, :] * so_d,
+             out.to(Out.dtype.element_ty), mask=md_ok)
 
 
 INTERPRETED = is_interpreted(_pfn_attention_kernel)
@@ -163,26 +169,44 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, is_ctx: Tensor) -> N
                                "put is_ctx on q's device")
 
 
+def attention_blocks(L: int, D: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps), chosen so that the kernel compiles for sm_80 and sm_90
+    without register spills (``bench/gpu_kernels.py --compile``); not tuned by timing."""
+    if dtype == torch.float32:
+        bm, bn = (32, 32) if D <= 64 else (16, 32) if D <= 128 else (16, 16)
+    else:
+        bm, bn = (32, 64) if D <= 64 else (32, 32) if D <= 128 else (16, 32)
+    small = max(16, next_pow2(L))
+    return min(bm, small), min(bn, small), 4
+
+
+def attention_launch(q: Tensor, k: Tensor, v: Tensor, is_ctx: Tensor, out: Tensor,
+                     block_m: int | None = None, block_n: int | None = None) -> Launch:
+    B, H, L, D = q.shape
+    ctx = is_ctx.view(torch.uint8)
+    bm, bn, warps = attention_blocks(L, D, q.dtype)
+    bm, bn = block_m or bm, block_n or bn
+    strides = {f"s{n}_{a}": s for n, x in (("q", q), ("k", k), ("v", v), ("o", out))
+               for a, s in zip("bhld", x.stride(), strict=True)}
+    return Launch(
+        grid=(B * H, triton.cdiv(L, bm)),
+        args=dict(Q=q, K=k, V=v, CTX=ctx, Out=out, **strides, sc_b=ctx.stride(0),
+                  sc_l=ctx.stride(1), H=H, L=L, D=D, qk_scale=math.log2(math.e) / math.sqrt(D)),
+        constexprs=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, next_pow2(D)),
+                        UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
+                        PRECISION="ieee" if q.dtype == torch.float32 else None),
+        num_warps=warps,
+    )
+
+
 def attention_triton(q: Tensor, k: Tensor, v: Tensor, is_ctx: Tensor,
                      block_m: int | None = None, block_n: int | None = None) -> Tensor:
     """The kernel. Returns (B, H, L, D) as a view of a (B, L, H, D) buffer, so the model's
     ``o.transpose(1, 2).reshape(B, L, E)`` costs no copy. Inputs are not validated here."""
     B, H, L, D = q.shape
-    ctx = is_ctx.view(torch.uint8)
     out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
-    block_d = max(16, next_pow2(D))
-    block_m = block_m or min(64, max(16, next_pow2(L)))
-    block_n = block_n or min(64, max(16, next_pow2(L)))
-    grid = (B * H, triton.cdiv(L, block_m))
-    _pfn_attention_kernel[grid](
-        q, k, v, ctx, out,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ctx.stride(),
-        H, L, D, math.log2(math.e) / math.sqrt(D),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4 if block_d <= 64 else 8,
-    )
+    if out.numel():
+        attention_launch(q, k, v, is_ctx, out, block_m, block_n).run(_pfn_attention_kernel)
     return out
 
 

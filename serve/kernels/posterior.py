@@ -40,13 +40,14 @@ from pfn.bar import BarDistribution
 from serve.kernels._common import (
     KernelInputError,
     KernelMode,
+    Launch,
     check_float,
     is_interpreted,
     next_pow2,
     use_triton,
 )
 
-MAX_BUCKETS = 16384  # one row of logits is held in registers
+MAX_BUCKETS = 8192  # one row of logits is held in registers
 MAX_VALUES = 64  # per request kind (quantiles, thresholds, values): the loops are unrolled
 _SQRT2 = math.sqrt(2.0)
 _HN_MEAN = math.sqrt(2.0 / math.pi)  # E|N(0, 1)|
@@ -105,16 +106,17 @@ def _posterior_kernel(
     R, N,
     b_lo, b_hi, s_lo, s_hi,  # inner borders b[1], b[N-1] and the tails' half-normal scales
     NQ: tl.constexpr, NT: tl.constexpr, NV: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_K: tl.constexpr,  # requested values handled together (a (R, K, N) tile)
+    BLOCK_N: tl.constexpr,  # >= N: the whole row
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
     r_ok = rows < R
     c_ok = cols < N
-    first = cols[None, :] == 0  # the left tail's bucket
-    last = cols[None, :] == N - 1  # the right tail's bucket
+    rows64 = rows.to(tl.int64)
 
-    x = tl.load(X + rows[:, None] * sx_r + cols[None, :], mask=r_ok[:, None] & c_ok[None, :],
+    x = tl.load(X + rows64[:, None] * sx_r + cols[None, :], mask=r_ok[:, None] & c_ok[None, :],
                 other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_N)
     x = tl.where(c_ok[None, :], x, float("-inf"))
     mx = tl.max(x, 1)
@@ -123,62 +125,74 @@ def _posterior_kernel(
     p = e / z[:, None]  # probabilities: registers only
     lse = mx + tl.log(z)
 
-    left = tl.load(TABLE + cols, mask=c_ok, other=0.0)[None, :]
-    width = tl.load(TABLE + N + cols, mask=c_ok, other=1.0)[None, :]
-    bmean = tl.load(TABLE + 2 * N + cols, mask=c_ok, other=0.0)[None, :]
-    bvar = tl.load(TABLE + 3 * N + cols, mask=c_ok, other=0.0)[None, :]
-    inv_width = 1.0 / width
-    mean = tl.sum(p * bmean, 1)
-    dev = bmean - mean[:, None]
-    var = tl.sum(p * (dev * dev + bvar), 1)
+    left = tl.load(TABLE + cols, mask=c_ok, other=0.0)
+    width = tl.load(TABLE + N + cols, mask=c_ok, other=1.0)
+    bmean = tl.load(TABLE + 2 * N + cols, mask=c_ok, other=0.0)
+    bvar = tl.load(TABLE + 3 * N + cols, mask=c_ok, other=0.0)
+    mean = tl.sum(p * bmean[None, :], 1)
+    dev = bmean[None, :] - mean[:, None]
+    var = tl.sum(p * (dev * dev + bvar[None, :]), 1)
     tl.store(STATS + rows, lse, mask=r_ok)
     tl.store(STATS + R + rows, mean, mask=r_ok)
     tl.store(STATS + 2 * R + rows, var, mask=r_ok)
     tl.store(STATS + 3 * R + rows, tl.sqrt(var), mask=r_ok)
 
+    # requests: (BLOCK_R, BLOCK_K) values against the (BLOCK_R, 1, BLOCK_N) row
+    p3 = p[:, None, :]
+    x3 = x[:, None, :]
+    cols3 = cols[None, None, :]
+    in3 = (cols3 < N) & (cols3 >= 1)  # buckets 1..N-1: their left borders are inner borders
+    left3 = left[None, None, :]
+    inv_w3 = (1.0 / width)[None, None, :]
+
     # P(Y > t) = 1 - sum_i p_i F_i(t), F_i the CDF of bucket i's own component
-    for j in tl.static_range(NT):
-        t = tl.load(THR + rows * st_r + j, mask=r_ok, other=0.0)
-        f_in = tl.minimum(tl.maximum((t[:, None] - left) * inv_width, 0.0), 1.0)
+    for k0 in tl.static_range(0, NT, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        rk_ok = r_ok[:, None] & (ks < NT)[None, :]
+        t = tl.load(THR + rows64[:, None] * st_r + ks[None, :], mask=rk_ok, other=0.0)
+        f_in = tl.minimum(tl.maximum((t[:, :, None] - left3) * inv_w3, 0.0), 1.0)
         f_lo = 1.0 - tl.erf(tl.maximum(b_lo - t, 0.0) / (s_lo * 1.4142135623730951))
         f_hi = tl.erf(tl.maximum(t - b_hi, 0.0) / (s_hi * 1.4142135623730951))
-        f = tl.where(first, f_lo[:, None], tl.where(last, f_hi[:, None], f_in))
-        cdf = tl.minimum(tl.maximum(tl.sum(p * f, 1), 0.0), 1.0)
-        tl.store(OP + rows * NT + j, 1.0 - cdf, mask=r_ok)
+        f = tl.where(cols3 == 0, f_lo[:, :, None], tl.where(cols3 == N - 1, f_hi[:, :, None], f_in))
+        cdf = tl.minimum(tl.maximum(tl.sum(p3 * f, 2), 0.0), 1.0)
+        tl.store(OP + rows64[:, None] * NT + ks[None, :], 1.0 - cdf, mask=rk_ok)
 
     # log p(y): the bucket's log-probability plus its component's log-density
-    for j in tl.static_range(NV):
-        y = tl.load(VAL + rows * sv_r + j, mask=r_ok, other=0.0)
+    for k0 in tl.static_range(0, NV, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        rk_ok = r_ok[:, None] & (ks < NV)[None, :]
+        y = tl.load(VAL + rows64[:, None] * sv_r + ks[None, :], mask=rk_ok, other=0.0)
         # bucket of y = number of inner borders b[1..N-1] <= y
-        idx = tl.sum(((left <= y[:, None]) & (cols[None, :] >= 1) & c_ok[None, :]).to(tl.int32), 1)
-        x_idx = tl.sum(tl.where(cols[None, :] == idx[:, None], x, 0.0), 1)
-        lp = x_idx - lse
-        w_idx = tl.load(TABLE + N + idx, mask=r_ok, other=1.0)
+        idx = tl.sum((in3 & (left3 <= y[:, :, None])).to(tl.int32), 2)
+        lp = tl.sum(tl.where(cols3 == idx[:, :, None], x3, 0.0), 2) - lse[:, None]
+        w_idx = tl.load(TABLE + N + idx, mask=rk_ok, other=1.0)
         d_lo = tl.maximum(b_lo - y, 0.0) / s_lo
         d_hi = tl.maximum(y - b_hi, 0.0) / s_hi
         # half-normal: log 2 + log N(d; 0, s) = 0.5 log(2/pi) - log s - d^2/2
         ld_lo = lp - 0.22579135264472744 - tl.log(s_lo) - 0.5 * d_lo * d_lo
         ld_hi = lp - 0.22579135264472744 - tl.log(s_hi) - 0.5 * d_hi * d_hi
         ld = tl.where(idx == 0, ld_lo, tl.where(idx == N - 1, ld_hi, lp - tl.log(w_idx)))
-        tl.store(OL + rows * NV + j, ld, mask=r_ok)
+        tl.store(OL + rows64[:, None] * NV + ks[None, :], ld, mask=rk_ok)
 
     # quantiles: the first bucket whose cumulative mass reaches q, then invert inside it
     if NQ > 0:
-        cum = tl.cumsum(p, 1)
-        for j in tl.static_range(NQ):
-            q = tl.load(QS + rows * sq_r + j, mask=r_ok, other=0.5)
-            idx = tl.sum(((cum < q[:, None]) & c_ok[None, :]).to(tl.int32), 1)
+        cum3 = tl.cumsum(p, 1)[:, None, :]
+        for k0 in tl.static_range(0, NQ, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            rk_ok = r_ok[:, None] & (ks < NQ)[None, :]
+            q = tl.load(QS + rows64[:, None] * sq_r + ks[None, :], mask=rk_ok, other=0.5)
+            idx = tl.sum(((cum3 < q[:, :, None]) & (cols3 < N)).to(tl.int32), 2)
             idx = tl.minimum(idx, N - 1)
-            p_idx = tl.sum(tl.where(cols[None, :] == idx[:, None], p, 0.0), 1)
-            lo = tl.sum(tl.where(cols[None, :] == idx[:, None] - 1, cum, 0.0), 1)  # mass before
+            p_idx = tl.sum(tl.where(cols3 == idx[:, :, None], p3, 0.0), 2)
+            lo = tl.sum(tl.where(cols3 == idx[:, :, None] - 1, cum3, 0.0), 2)  # mass before
             u = (q - lo) / tl.maximum(p_idx, 1e-30)
             u = tl.minimum(tl.maximum(u, 1e-7), 1.0 - 1e-7)  # position inside bucket, in mass
-            inner = (tl.load(TABLE + idx, mask=r_ok, other=0.0)
-                     + u * tl.load(TABLE + N + idx, mask=r_ok, other=0.0))
+            inner = (tl.load(TABLE + idx, mask=rk_ok, other=0.0)
+                     + u * tl.load(TABLE + N + idx, mask=rk_ok, other=0.0))
             q_lo = b_lo - s_lo * 1.4142135623730951 * _erfinv(1.0 - u)
             q_hi = b_hi + s_hi * 1.4142135623730951 * _erfinv(u)
             out = tl.where(idx == 0, q_lo, tl.where(idx == N - 1, q_hi, inner))
-            tl.store(OQ + rows * NQ + j, out, mask=r_ok)
+            tl.store(OQ + rows64[:, None] * NQ + ks[None, :], out, mask=rk_ok)
 
 
 INTERPRETED = is_interpreted(_posterior_kernel)
@@ -255,7 +269,9 @@ def _rows_of(name: str, v: Values | None, lead: tuple[int, ...], device: torch.d
         v = torch.as_tensor(a.reshape(-1), dtype=torch.float32)
     if v.device != device:
         v = v.to(device)
-    check_float(name, v)
+    if not v.is_floating_point():
+        raise KernelInputError(name, f"dtype must be floating point, got {v.dtype}",
+                               f"pass {name} as floats")
     if v.ndim == 0:
         v = v.reshape(1)
     k = v.shape[-1]
@@ -275,7 +291,10 @@ def _rows_of(name: str, v: Values | None, lead: tuple[int, ...], device: torch.d
 def posterior_torch(logits: Tensor, borders: Tensor, quantiles: Tensor, thresholds: Tensor,
                     values: Tensor) -> PosteriorSummary:
     """The twin: ``BarDistribution`` on fp32 logits (R, n); requests as from ``_rows_of``."""
-    bar = BarDistribution(borders.to(logits.device))
+    try:
+        bar = BarDistribution(borders.to(logits.device))
+    except ValueError as e:
+        raise KernelInputError("borders", str(e), "pass the model's bar.borders") from e
     x = logits.float()
     R = x.shape[0]
 
@@ -292,28 +311,51 @@ def posterior_torch(logits: Tensor, borders: Tensor, quantiles: Tensor, threshol
     )
 
 
-def posterior_triton(logits: Tensor, borders: Tensor, quantiles: Tensor, thresholds: Tensor,
-                     values: Tensor, block_r: int | None = None) -> PosteriorSummary:
-    """The kernel on logits (R, n) with unit bucket stride; requests as from ``_rows_of``."""
+def _row_stride(v: Tensor) -> int:
+    return v.stride(0) if v.shape[0] > 1 else 0  # 0: one set shared by all rows
+
+
+def posterior_launch(logits: Tensor, tab: BucketTable, quantiles: Tensor, thresholds: Tensor,
+                     values: Tensor, stats: Tensor, oq: Tensor, op: Tensor, ol: Tensor,
+                     block_r: int | None = None, block_k: int | None = None) -> Launch:
     R, n = logits.shape
-    tab = bucket_table(borders, logits.device)
     nq, nt, nv = quantiles.shape[1], thresholds.shape[1], values.shape[1]
+    block_n = max(16, next_pow2(n))
+    k_max = next_pow2(max(nq, nt, nv, 1))
+    if INTERPRETED:  # few, wide programs: each interpreted program costs milliseconds
+        block_r = block_r or min(16, next_pow2(R))
+        block_k = block_k or min(16, k_max)
+    else:  # a (BLOCK_R, BLOCK_K, BLOCK_N) tile of <= 4096 fp32 values
+        block_r = block_r or max(1, min(16, 1024 // block_n))
+        block_k = block_k or max(1, min(k_max, 4096 // (block_r * block_n)))
+    return Launch(
+        grid=(triton.cdiv(R, block_r),),
+        args=dict(X=logits, sx_r=logits.stride(0), TABLE=tab.table,
+                  QS=quantiles, sq_r=_row_stride(quantiles),
+                  THR=thresholds, st_r=_row_stride(thresholds),
+                  VAL=values, sv_r=_row_stride(values),
+                  STATS=stats, OQ=oq, OP=op, OL=ol, R=R, N=n,
+                  b_lo=tab.b_lo, b_hi=tab.b_hi, s_lo=tab.s_lo, s_hi=tab.s_hi),
+        constexprs=dict(NQ=nq, NT=nt, NV=nv, BLOCK_R=block_r, BLOCK_K=block_k,
+                        BLOCK_N=block_n),
+        num_warps=4 if block_r * block_k * block_n <= 2048 else 8,
+    )
+
+
+def posterior_triton(logits: Tensor, borders: Tensor, quantiles: Tensor, thresholds: Tensor,
+                     values: Tensor, block_r: int | None = None,
+                     block_k: int | None = None) -> PosteriorSummary:
+    """The kernel on logits (R, n) with unit bucket stride; requests as from ``_rows_of``."""
+    R, _ = logits.shape
+    tab = bucket_table(borders, logits.device)
     dev = logits.device
     stats = torch.empty(4, R, device=dev, dtype=torch.float32)
-    oq = torch.empty(R, nq, device=dev, dtype=torch.float32)
-    op = torch.empty(R, nt, device=dev, dtype=torch.float32)
-    ol = torch.empty(R, nv, device=dev, dtype=torch.float32)
-    block_n = max(16, next_pow2(n))
-    block_r = block_r or max(1, min(16, 2048 // block_n, next_pow2(R)))
-    stride = (lambda v: v.stride(0) if v.shape[0] > 1 else 0)
+    oq = torch.empty(R, quantiles.shape[1], device=dev, dtype=torch.float32)
+    op = torch.empty(R, thresholds.shape[1], device=dev, dtype=torch.float32)
+    ol = torch.empty(R, values.shape[1], device=dev, dtype=torch.float32)
     if R:
-        _posterior_kernel[(triton.cdiv(R, block_r),)](
-            logits, logits.stride(0), tab.table,
-            quantiles, stride(quantiles), thresholds, stride(thresholds), values, stride(values),
-            stats, oq, op, ol, R, n, tab.b_lo, tab.b_hi, tab.s_lo, tab.s_hi,
-            NQ=nq, NT=nt, NV=nv, BLOCK_R=block_r, BLOCK_N=block_n,
-            num_warps=4 if block_r * block_n <= 2048 else 8,
-        )
+        posterior_launch(logits, tab, quantiles, thresholds, values, stats, oq, op, ol,
+                         block_r, block_k).run(_posterior_kernel)
     return PosteriorSummary(stats[0], stats[1], stats[2], stats[3], oq, op, ol)
 
 
