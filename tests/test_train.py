@@ -61,13 +61,15 @@ def _losses(path: Path) -> dict[int, float]:
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     steps = 12
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    base = apply_overrides(TrainConfig(), {**TINY, "n_curves": 8 * steps, "ckpt_every": 2})
+    base = apply_overrides(TrainConfig(), {**TINY, "n_curves": 8 * steps, "ckpt_every": 2,
+                                           "ema_decay": 0.9})
     Trainer(apply_overrides(base, {"out_dir": str(ref_dir)})).run(progress=False)
     ref = _losses(ref_dir / "metrics.jsonl")
     assert sorted(ref) == list(range(1, steps + 1))
 
     args = [sys.executable, "-m", "train", *_args({**TINY, "n_curves": 8 * steps, "ckpt_every": 2,
-                                                  "out_dir": run_dir}), "--no-progress"]
+                                                  "ema_decay": 0.9, "out_dir": run_dir}),
+            "--no-progress"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 120
@@ -84,7 +86,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert sorted(got) == list(range(1, steps + 1))
     for s in range(1, steps + 1):
         assert got[s] == pytest.approx(ref[s], rel=1e-5, abs=1e-6), s
-    assert (run_dir / "model" / "model.safetensors").exists()
+    # the exported (EMA-averaged) weights are bit-identical too
+    cfgs = [json.loads((d / "model" / "config.json").read_text()) for d in (ref_dir, run_dir)]
+    assert cfgs[0]["sha256"] == cfgs[1]["sha256"] and cfgs[0]["meta"]["ema"] is True
 
 
 def test_resume_rejects_other_config(tmp_path):

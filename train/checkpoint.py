@@ -43,8 +43,11 @@ def save_checkpoint(
     optim_state: dict[str, Any],
     rng_states: list[torch.Tensor],
     meta: dict[str, Any],
+    ema_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
+    for k, v in (ema_state or {}).items():
+        tensors[f"ema.{k}"] = v.detach().cpu().contiguous()
     opt, groups = _flatten_optim(optim_state)
     tensors.update(opt)
     for r, s in enumerate(rng_states):
@@ -65,17 +68,20 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """{'model': state, 'optim': state, 'rng_prior': [...], 'rng_torch': t, 'meta': dict}."""
+    """{'model': state, 'ema': averaged parameters (may be empty), 'optim': state,
+    'rng_prior': [...], 'rng_torch': t, 'meta': dict}."""
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
     rng = sorted(
         ((int(k.rsplit(".", 1)[1]), v) for k, v in tensors.items() if k.startswith("rng.prior.")),
     )
     return {
         "model": model,
+        "ema": ema,
         "optim": _unflatten_optim(optim, json.loads(header["param_groups"])),
         "rng_prior": [v for _, v in rng],
         "rng_torch": tensors["rng.torch"],

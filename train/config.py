@@ -29,6 +29,7 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW weight decay (matrices only)
     beta2: float = 0.98  # AdamW second-moment decay
     grad_clip: float = 1.0  # max global gradient norm
+    ema_decay: float = 0.0  # exponential moving average of the weights, exported (0: off)
     bf16: bool = False  # bfloat16 autocast (pays only on CPUs with AVX512-BF16/AMX or GPUs;
     # ~20x slower on this AVX2-only machine)
     compile: bool = False  # torch.compile the transformer body
@@ -51,6 +52,7 @@ class TrainConfig:
             "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
             "warmup_frac": 0 <= self.warmup_frac < 1,
             "grad_clip": self.grad_clip > 0,
+            "ema_decay": 0 <= self.ema_decay < 1,
             "min_cutoff": self.min_cutoff >= 0,
             "ckpt_every": self.ckpt_every >= 1,
             "log_every": self.log_every >= 1,

@@ -11,14 +11,22 @@ from train.checkpoint import CKPT_NAME, load_checkpoint
 from train.config import TrainConfig
 
 
+def model_meta(cfg: TrainConfig, step: int, ema: bool) -> dict[str, object]:
+    """What an exported model's config.json records about its training."""
+    prior = get_prior(cfg.prior)
+    return {"train_config": cfg.to_dict(), "ema": ema, "steps": step,
+            "curves_seen": step * cfg.batch_size, "max_context": prior.n_epochs - 1,
+            "prior": prior.name}
+
+
 def export_checkpoint(run_dir: str | Path, out_dir: str | Path) -> str:
     """Write run_dir's latest checkpoint as a model directory; returns the sha256."""
     ck = load_checkpoint(Path(run_dir) / CKPT_NAME)
     cfg = TrainConfig.from_dict(ck["meta"]["config"])
     model = PFN(cfg.model, ck["model"]["bar.borders"])
-    model.load_state_dict(ck["model"])
+    model.load_state_dict({**ck["model"], **ck["ema"]})  # EMA weights when the run kept them
     step = int(ck["meta"]["step"])
     prior = get_prior(cfg.prior)
-    meta = {"train_config": cfg.to_dict(), "steps": step, "curves_seen": step * cfg.batch_size,
+    meta = {"train_config": cfg.to_dict(), "ema": bool(ck["ema"]), "steps": step, "curves_seen": step * cfg.batch_size,
             "max_context": prior.n_epochs - 1, "prior": prior.name}
     return save_model(model.eval(), out_dir, meta)

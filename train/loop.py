@@ -8,6 +8,7 @@ output head runs on query tokens only.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -27,11 +28,13 @@ from pfn.model import PFN
 from prior import CurvePrior, get_prior, sample_cutoffs
 from train.checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
 from train.config import TrainConfig
+from train.export import model_meta
 
 EVAL_CUTOFFS = (10, 20, 40, 80)
 # config keys that may change between a run and its resumption (they don't change the maths)
+# (ema_decay only changes the averaged copy that is exported, not the optimised weights)
 OPERATIONAL_KEYS = frozenset({"threads", "device", "ckpt_every", "log_every", "eval_every",
-                              "eval_curves", "compile", "out_dir"})
+                              "eval_curves", "compile", "out_dir", "ema_decay"})
 
 
 @dataclass
@@ -131,6 +134,27 @@ class Trainer:
         self.fwd: Any = torch.compile(self.ddp, dynamic=True) if cfg.compile else self.ddp
         self.amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
         self.eval_set = self._eval_set()
+        # EMA of the parameters (what gets exported when ema_decay > 0)
+        self.ema: dict[str, Tensor] = {}
+        if cfg.ema_decay > 0:
+            self.ema = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+    def ema_update(self) -> None:
+        if not self.ema:
+            return
+        d = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        named = dict(self.model.named_parameters())
+        keys = list(self.ema)
+        torch._foreach_lerp_([self.ema[k] for k in keys], [named[k].detach() for k in keys],
+                             1 - d)
+
+    def averaged_model(self) -> PFN:
+        """The model to evaluate and export: the EMA weights when enabled."""
+        if not self.ema:
+            return self.model
+        m = copy.deepcopy(self.model)
+        m.load_state_dict({**self.model.state_dict(), **self.ema})
+        return m
 
     def _eval_set(self) -> Tensor | None:
         if not self.cfg.eval_every or not self.dist.main:
@@ -156,7 +180,7 @@ class Trainer:
         if self.dist.main:
             meta = {"config": self.cfg.to_dict(), "step": self.step, "world": self.dist.world}
             save_checkpoint(self.ckpt_path, self.model.state_dict(), self.opt.state_dict(),
-                            rng, meta)
+                            rng, meta, self.ema)
 
     def try_resume(self) -> bool:
         if not self.ckpt_path.is_file():
@@ -177,6 +201,9 @@ class Trainer:
         self.gen.set_state(ck["rng_prior"][self.dist.rank])
         torch.set_rng_state(ck["rng_torch"])
         self.step = int(ck["meta"]["step"])
+        if self.ema:  # resumed EMA, or (EMA switched on mid-run) start from the weights
+            self.ema = {k: ck["ema"].get(k, v).clone() for k, v in
+                        ((n, p.detach()) for n, p in self.model.named_parameters())}
         return True
 
     # -- the loop ----------------------------------------------------------------------------
@@ -194,16 +221,17 @@ class Trainer:
         gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.opt.step()
         self.step += 1
+        self.ema_update()
         return {"loss": loss.item(), "lr": lr, "grad_norm": float(gn),
                 "tokens": float(t.numel())}
 
     def evaluate(self) -> dict[str, float]:
         assert self.eval_set is not None
-        self.model.eval()
+        model = self.averaged_model().eval()
         out = {}
         with self.amp:
             for c in EVAL_CUTOFFS:
-                ll = prior_log_likelihood(self.model, self.eval_set.to(self.device), c)
+                ll = prior_log_likelihood(model, self.eval_set.to(self.device), c)
                 out[f"val_ll_{c}"] = float(ll.mean())
         return out
 
@@ -253,10 +281,9 @@ class Trainer:
         return last
 
     def export(self, out_dir: Path | None = None) -> str:
-        meta = {"train_config": self.cfg.to_dict(), "steps": self.step,
-                "curves_seen": self.step * self.cfg.batch_size,
-                "max_context": self.prior.n_epochs - 1, "prior": self.prior.name}
-        return save_model(self.model.cpu().float(), out_dir or self.out / "model", meta)
+        meta = model_meta(self.cfg, self.step, bool(self.ema))
+        model = self.averaged_model()
+        return save_model(model.cpu().float().eval(), out_dir or self.out / "model", meta)
 
     def close(self) -> None:
         if self.dist.world > 1 and dist.is_initialized():
