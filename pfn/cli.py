@@ -164,8 +164,10 @@ def eval_command(
         rows: list[ev.Row] = []
         if prior_curves:
             rows += ev.evaluate_prior(methods, prior_curves, seed=seed)
+        diags: list[dict[str, float]] = []
         if reference == "mcmc":
-            rows += ev.evaluate_reference(methods["pfn"], reference_curves, seed=seed)
+            ref_rows, diags = ev.evaluate_reference(methods["pfn"], reference_curves, seed=seed)
+            rows += ref_rows
         elif reference is not None:
             raise CurvecastError(f"--reference: unknown {reference!r}; use mcmc")
         for path in curves or []:
@@ -173,7 +175,17 @@ def eval_command(
                 rows += ev.evaluate_file(methods, path, f, max_curves=max_curves, seed=seed)
     except (CurvecastError, OSError) as e:
         raise _fail(e) from e
-    typer.echo(json.dumps(ev.rows_json(rows), indent=1) if as_json else ev.markdown_table(rows))
+    if as_json:
+        typer.echo(json.dumps({**ev.rows_json(rows), "mcmc_diagnostics": diags}, indent=1))
+        return
+    typer.echo(ev.markdown_table(rows))
+    if diags:
+        ratio = [r for r in rows if r.source == "prior/mcmc-subset"]
+        speed = {r.cutoff: r.ms_per_curve for r in ratio if r.method == "mcmc"}
+        pfn_ms = {r.cutoff: r.ms_per_curve for r in ratio if r.method == "pfn"}
+        typer.echo("\nMCMC vs PFN wall time per curve: " + ", ".join(
+            f"cutoff {c}: {speed[c] / pfn_ms[c]:,.0f}x" for c in speed))
+        typer.echo("MCMC diagnostics: " + json.dumps(diags))
 
 
 def _load_plugins() -> None:

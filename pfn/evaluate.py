@@ -266,6 +266,43 @@ def evaluate_file(methods: dict[str, Method], path: str | Path, filter_: str | N
     return rows
 
 
+def mcmc_method(settings: dict[str, Any] | None = None, seed: int = 0) -> Method:
+    """The MCMC posterior predictive (prior.reference) as a Method; prior-protocol cases only
+    (all cases share their observed and query epochs)."""
+    from prior.reference import mcmc_posterior_predictive
+
+    def run(cases: Cases) -> Forecast:
+        t0 = time.perf_counter()
+        x = torch.as_tensor(cases.x[0])
+        xq = torch.as_tensor(cases.xq[0])
+        res = mcmc_posterior_predictive(
+            x, torch.as_tensor(np.stack(cases.y)), xq,
+            generator=torch.Generator().manual_seed(seed), **(settings or {}))
+        ld = res.log_density(torch.as_tensor(np.stack(cases.yq)))
+        q = res.quantile([0.05, 0.25, 0.75, 0.95])  # (n, Q, 4)
+        run.diagnostics = res.summary()  # type: ignore[attr-defined]
+        flat = [v.reshape(-1).numpy() for v in (ld, res.mean(), q[..., 1], q[..., 2],
+                                                 q[..., 0], q[..., 3])]
+        return Forecast(*flat, seconds=time.perf_counter() - t0)
+
+    return run
+
+
+def evaluate_reference(pfn: Method, n_curves: int = 100, cutoffs: Sequence[int] = PRIOR_CUTOFFS,
+                       seed: int = 0, settings: dict[str, Any] | None = None
+                       ) -> tuple[list[Row], list[dict[str, float]]]:
+    """PFN and MCMC on the same prior curves (source ``prior/mcmc-subset``), plus the MCMC
+    convergence diagnostics per cutoff."""
+    rows: list[Row] = []
+    diags = []
+    mcmc = mcmc_method(settings, seed)
+    for c in cutoffs:
+        cases = prior_cases(n_curves, c, seed)
+        rows += evaluate_methods({"pfn": pfn, "mcmc": mcmc}, cases, "prior/mcmc-subset", str(c))
+        diags.append({"cutoff": c, **mcmc.diagnostics})  # type: ignore[attr-defined]
+    return rows, diags
+
+
 def baselines() -> dict[str, Method]:
     return {"last_value": last_value, "power_law": power_law}
 
