@@ -43,6 +43,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -66,6 +67,7 @@ def save_model(model: PFN, out_dir: str | Path, meta: dict[str, Any] | None = No
     os.close(fd)
     try:
         save_file(state, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; weights are meant to be readable
         os.replace(tmp, out / WEIGHTS_FILE)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
