@@ -285,7 +285,8 @@ class OptunaPolicy(Policy):
 
 @dataclass
 class InferenceStats:
-    forward_s: float = 0.0  # seconds in posterior_all + thresholds
+    forward_s: float = 0.0  # wall seconds in posterior_all + thresholds
+    forward_cpu_s: float = 0.0  # CPU seconds of the same (robust to a shared machine)
     computed: int = 0  # (trial, points) pairs that went through the model
     answered: int = 0  # decisions answered (cache hits included)
     batches: int = 0
@@ -319,11 +320,12 @@ class ThresholdCache:
         levels = 1.0 - self.deltas if sign > 0 else self.deltas
         for a in range(0, len(todo), BATCH):
             chunk = todo[a:a + BATCH]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             post, starts = self.predictor.posterior_all([self.curve(i, k) for i, k in chunk])
             q = sign * post.quantile(np.repeat(levels[None, :], len(post), axis=0))
             thr = np.maximum.reduceat(q, np.asarray(starts[:-1]), axis=0)  # (len(chunk), nd)
             self.stats.forward_s += time.perf_counter() - t0
+            self.stats.forward_cpu_s += time.process_time() - c0
             self.stats.computed += len(chunk)
             self.stats.batches += 1
             for p, row in zip(chunk, thr, strict=True):
@@ -372,8 +374,39 @@ def first_reaching(curve: np.ndarray, target: float) -> int | None:
     return int(hit[0]) + 1 if hit.size else None
 
 
-def summarize(task: Task, results: dict[str, list[Replay]]) -> list[dict[str, Any]]:
+def plot_task(task: Task, curves: dict[str, np.ndarray], path: Path) -> None:
+    """Mean anytime regret against epochs spent, one line per policy (patience: k=5 only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    e = np.arange(1, task.budget + 1)
+    for p, c in curves.items():
+        if p.startswith("patience") and p != "patience-5":
+            continue
+        style = "-" if p == "none" or p.startswith("curvecast") else (
+            "--" if p.startswith("optuna") else ":")
+        ax.plot(e, 100 * c, style, lw=2.2 if p == "none" else 1.4,
+                color="black" if p == "none" else None, label=p)
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_xlabel("epochs spent")
+    ax.set_ylabel("mean normalised regret (%)")
+    ax.set_title(f"{task.name[:60]}: {task.n} trials, budget {task.budget} epochs")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summarize(task: Task, results: dict[str, list[Replay]],
+              plot: Path | None = None) -> list[dict[str, Any]]:
     curves = {p: regret_curves(task, reps).mean(0) for p, reps in results.items()}
+    if plot is not None:
+        plot_task(task, curves, plot / f"early-stopping-{task.name}.png")
     base = curves["none"]
     target = float(base[-1])
     e_base = first_reaching(base, target)
@@ -398,24 +431,27 @@ def summarize(task: Task, results: dict[str, list[Replay]]) -> list[dict[str, An
 # driver
 
 
-def single_decision_ms(predictor: Predictor, task: Task, repeats: int = 20) -> float:
-    """Latency of one decide() call for one trial with 10 points (batch of 1), median ms."""
+def single_decision_ms(predictor: Predictor, task: Task,
+                       repeats: int = 20) -> tuple[float, float]:
+    """One decide() call for one trial with 10 points (batch of 1): median wall and CPU ms."""
     i = int(np.argmax(task.lengths))
     k = int(min(10, task.lengths[i] - 1))
     c = Curve(task.x[i, :k], task.model_values[i, :k], float(task.horizon[i]),
               direction=task.direction, bounds=task.bounds)  # type: ignore[arg-type]
     decide(predictor, [c], [float(task.model_values[i, 0])])
-    ts = []
+    ts, cs = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         decide(predictor, [c], [float(task.model_values[i, 0])])
         ts.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(ts))
+        cs.append(time.process_time() - c0)
+    return 1e3 * float(np.median(ts)), 1e3 * float(np.median(cs))
 
 
 def run_task(task: Task, predictor: Predictor | None, policies: Sequence[str],
              deltas: Sequence[float], orderings: int, seed: int, max_checked: int,
-             log: Callable[[str], None]) -> tuple[list[dict[str, Any]], InferenceStats]:
+             log: Callable[[str], None], plot: Path | None = None,
+             ) -> tuple[list[dict[str, Any]], InferenceStats]:
     rng = np.random.default_rng([seed, sum(map(ord, task.name))])
     orders = np.stack([rng.permutation(task.n) for _ in range(orderings)])
     stats = InferenceStats()
@@ -432,7 +468,7 @@ def run_task(task: Task, predictor: Predictor | None, policies: Sequence[str],
         t0 = time.perf_counter()
         results[pol.name] = run_policy(task, orders, pol)
         log(f"  {pol.name:22s} {time.perf_counter() - t0:7.1f} s")
-    return summarize(task, results), stats
+    return summarize(task, results, plot), stats
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
@@ -489,6 +525,14 @@ def render(paths: Sequence[str]) -> int:
     ev = sum(i.get("model_evaluations", 0) for i in infos)
     dec = sum(i.get("decisions", 0) for i in infos)
     single = [i["ms_single_decision_batch1"] for i in infos if i.get("ms_single_decision_batch1")]
+    cpu = [i for i in infos if "forward_cpu_seconds" in i]
+    if cpu:
+        cs = sum(i["forward_cpu_seconds"] for i in cpu)
+        ce = sum(i["model_evaluations"] for i in cpu)
+        c1 = [i["cpu_ms_single_decision_batch1"] for i in cpu
+              if i.get("cpu_ms_single_decision_batch1")]
+        print(f"CPU time (runs that recorded it): {1e3 * cs / max(ce, 1):.1f} ms per evaluation; "
+              f"single decision median {float(np.median(c1)) if c1 else float('nan'):.1f} ms")
     print(f"inference: {ev} model evaluations for {dec} decisions in {fwd:.0f} s: "
           f"{1e3 * fwd / max(ev, 1):.1f} ms per evaluation, {1e3 * fwd / max(dec, 1):.2f} ms per "
           f"decision amortised; single decision (batch 1) median "
@@ -508,6 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="instead of running: print the summary tables of saved --out files")
     ap.add_argument("--json", action="store_true", help="print JSON ({'rows': [...]})")
     ap.add_argument("--out", help="also write the JSON to this file")
+    ap.add_argument("--plot", metavar="DIR", help="save a regret-vs-epochs PNG per task here")
     ap.add_argument("--tasks", default="", help="comma-separated substrings of task names")
     ap.add_argument("--max-tasks", type=int, default=0, help="only the first N tasks (0: all)")
     ap.add_argument("--orderings", type=int, default=40)
@@ -543,13 +588,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     total = InferenceStats()
     t_all = time.perf_counter()
-    single = None
+    single: tuple[float, float] | None = None
     for t in tasks:
         log(f"{t.name}: {t.n} trials, budget {t.budget} epochs, {a.orderings} orderings")
         r, st = run_task(t, predictor, policies, deltas, a.orderings, a.seed, a.max_checked,
-                         log)
+                         log, Path(a.plot) if a.plot else None)
         rows += r
-        for f in ("forward_s", "computed", "answered", "batches"):
+        for f in ("forward_s", "forward_cpu_s", "computed", "answered", "batches"):
             setattr(total, f, getattr(total, f) + getattr(st, f))
         if predictor is not None and single is None:
             single = single_decision_ms(predictor, t)
@@ -557,9 +602,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "forward_seconds": total.forward_s,
         "model_evaluations": total.computed,
         "decisions": total.answered,
+        "forward_cpu_seconds": total.forward_cpu_s,
         "ms_per_model_evaluation": 1e3 * total.forward_s / max(total.computed, 1),
         "ms_per_decision_amortised": 1e3 * total.forward_s / max(total.answered, 1),
-        "ms_single_decision_batch1": single,
+        "cpu_ms_per_model_evaluation": 1e3 * total.forward_cpu_s / max(total.computed, 1),
+        "ms_single_decision_batch1": single[0] if single else None,
+        "cpu_ms_single_decision_batch1": single[1] if single else None,
         "max_checked_epochs": a.max_checked,
         "torch_threads": a.threads,
     }

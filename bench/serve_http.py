@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -45,18 +44,40 @@ def load(srv: LocalServer, clients: int, curves: int, points: int, seconds: floa
                                 curves))
 
 
-def batch_stats(srv: LocalServer) -> tuple[float, float]:
-    """(mean query rows per forward pass, mean requests per pass) from /metrics."""
+def batch_metrics(srv: LocalServer) -> dict[str, float]:
+    """Cumulative batch counters from /metrics."""
     text = httpx.get(srv.url + "/metrics").text
     vals = {}
     for line in text.splitlines():
         for name in ("curvecast_batch_rows_sum", "curvecast_batch_rows_count",
-                     "curvecast_batch_requests_sum"):
+                     "curvecast_batch_requests_sum", "curvecast_batch_duration_seconds_sum"):
             if line.startswith(name + " "):
                 vals[name] = float(line.split()[1])
-    n = vals.get("curvecast_batch_rows_count", 0.0) or 1.0
-    return (vals.get("curvecast_batch_rows_sum", 0.0) / n,
-            vals.get("curvecast_batch_requests_sum", 0.0) / n)
+    return vals
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its live children (uvicorn workers)."""
+    total = 0.0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if d.name == str(pid) or f[1] == str(pid):  # f[1]: parent pid
+            total += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def phase_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    n = d.get("curvecast_batch_rows_count", 0.0) or 1.0
+    return {"passes": d.get("curvecast_batch_rows_count", 0.0),
+            "rows_per_pass": round(d.get("curvecast_batch_rows_sum", 0.0) / n, 1),
+            "requests_per_pass": round(d.get("curvecast_batch_requests_sum", 0.0) / n, 2),
+            "inference_busy_s": round(d.get("curvecast_batch_duration_seconds_sum", 0.0), 2)}
 
 
 def main() -> None:
@@ -67,37 +88,48 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=10, help="observed epochs per curve")
     ap.add_argument("--threads", type=int, default=2, help="server intra-op threads")
     ap.add_argument("--max-wait-us", type=int, default=1000)
+    ap.add_argument("--quantize", action="store_true", help="int8 model (CURVECAST_QUANTIZE)")
+    ap.add_argument("--workers", type=int, default=1, help="server worker processes")
     ap.add_argument("--json", action="store_true", help="print JSON rows too")
     a = ap.parse_args()
 
     print(f"# curvecast serve HTTP benchmark — {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f} at start; {a.seconds:g} s per phase")
+          f"{os.getloadavg()[0]:.1f} at start; {a.seconds:g} s per phase; {a.points} observed "
+          f"epochs per curve; server: {a.workers} worker(s) x {a.threads} thread(s)"
+          f"{', int8' if a.quantize else ''}")
     rows = {}
     for mode, batching in (("batched", "true"), ("unbatched", "false")):
         env = {"CURVECAST_BATCHING": batching, "CURVECAST_THREADS": str(a.threads),
-               "CURVECAST_MAX_WAIT_US": str(a.max_wait_us), "CURVECAST_LOG_LEVEL": "warning"}
+               "CURVECAST_MAX_WAIT_US": str(a.max_wait_us), "CURVECAST_LOG_LEVEL": "warning",
+               "CURVECAST_QUANTIZE": str(a.quantize).lower(),
+               "CURVECAST_WORKERS": str(a.workers)}
         with LocalServer(env=env) as srv:
             load(srv, 4, a.curves, a.points, 2.0)  # warm caches, allocator, connections
+            c_one = cpu_seconds(srv.pid())
             one = load(srv, 1, 1, a.points, a.seconds, seed=1)
-            httpx.get(srv.url + "/metrics")
-            t = time.perf_counter()
+            cpu_one = cpu_seconds(srv.pid()) - c_one
+            m0, c0 = batch_metrics(srv), cpu_seconds(srv.pid())
             many = load(srv, a.clients, a.curves, a.points, a.seconds, seed=2)
-            rows_per_pass, reqs_per_pass = batch_stats(srv)
+            ps = phase_stats(m0, batch_metrics(srv))
+            ps["server_cpu_s"] = round(cpu_seconds(srv.pid()) - c0, 2)
             rows[mode] = {"one_client": one.summary(), "many_clients": many.summary(),
-                          "rows_per_pass": round(rows_per_pass, 1),
-                          "requests_per_pass": round(reqs_per_pass, 2),
-                          "server_rss_mb": round(rss_mb(srv.pid()), 1)}
-            del t
+                          "cpu_ms_per_request_1_client": round(1e3 * cpu_one / max(one.ok, 1),
+                                                               2),
+                          **ps, "server_rss_mb": round(rss_mb(srv.pid()), 1)}
     print()
-    print(f"| mode | 1 client p50 / p90 / p99 (ms) | {a.clients} clients x {a.curves} curves: "
-          "curves/s | p50 / p99 (ms) | errors | curves per forward pass (mean) |")
-    print("|---|---|---|---|---|---|")
+    print(f"| mode | 1 client p50 / p90 / p99 (ms) | server CPU ms per request | {a.clients} "
+          f"clients x {a.curves} curves: "
+          "curves/s | p50 / p99 (ms) | errors | curves per forward pass | server CPU-s per "
+          "1000 curves |")
+    print("|---|---|---|---|---|---|---|---|")
     for mode, r in rows.items():
         o, m = r["one_client"], r["many_clients"]
         errs = sum(v for k, v in m["statuses"].items() if not k.startswith("2")) + \
             sum(m["transport_errors"].values())
-        print(f"| {mode} | {o['p50_ms']} / {o['p90_ms']} / {o['p99_ms']} | {m['curves_per_s']} "
-              f"| {m['p50_ms']} / {m['p99_ms']} | {errs} | {r['rows_per_pass']} |")
+        print(f"| {mode} | {o['p50_ms']} / {o['p90_ms']} / {o['p99_ms']} | "
+              f"{r['cpu_ms_per_request_1_client']} | {m['curves_per_s']} "
+              f"| {m['p50_ms']} / {m['p99_ms']} | {errs} | {r['rows_per_pass']} | "
+              f"{1000 * r['server_cpu_s'] / max(m['curves_per_s'] * m['seconds'], 1):.2f} |")
     b, u = rows["batched"]["many_clients"], rows["unbatched"]["many_clients"]
     print(f"\nbatched / unbatched throughput at {a.clients} clients: "
           f"{b['curves_per_s'] / max(u['curves_per_s'], 1e-9):.2f}x")

@@ -28,7 +28,9 @@ Rules (``StopRule.kind``); none fires before ``min_epochs`` values are observed:
   A cost-aware rule: a trial far from its end must promise more to keep running.
 
 ``Decision.expected_remaining_epochs`` is ``0`` when the decision is to stop, else the epochs
-left until the horizon (what continuing the trial costs if nothing stops it later).
+left until the horizon (what continuing the trial costs if nothing stops it later). A trial
+observed at its horizon is complete: ``stop`` is False (an HPO library must not mark a finished
+trial as pruned) and ``expected_remaining_epochs`` is 0.
 
 The JSON form (``early_stop_json``, used by ``POST /v1/early-stop`` and the CLI)::
 
@@ -51,7 +53,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -117,7 +119,6 @@ class Decision:
     expected_remaining_epochs: float  # 0 when stopping, else horizon - last observed epoch
     reason: str  # one human-readable sentence
     expected_improvement: float = math.nan  # E[max(0, y_horizon's gain)]; NaN: no incumbent
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form, not serialised
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +325,7 @@ def decide(
         else:
             pa, pf, e_i = float(p_all[i]), float(p_final[i]), float(ei[i])
         if remaining <= 0:
-            stop, reason = True, f"reached its horizon ({h:g}): nothing left to run"
+            stop, reason = False, f"reached its horizon ({h:g}): complete, nothing to stop"
         elif math.isnan(inc[i]):
             stop, reason = False, "no incumbent yet: nothing to compare against, keep running"
         elif n_obs < rule.min_epochs:

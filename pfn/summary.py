@@ -198,7 +198,8 @@ def _per_row(values: list[tuple[float, ...]], counts: list[int], fill: float) ->
 def _finite_list(a: np.ndarray, what: str) -> list[float]:
     if not np.isfinite(a).all():
         raise RuntimeError(f"non-finite {what} in a posterior summary")
-    return [float(x) for x in a.tolist()]
+    out: list[float] = a.astype(np.float64).tolist()
+    return out
 
 
 def _nullable_list(a: np.ndarray) -> list[float | None]:
@@ -209,17 +210,19 @@ def posterior_from_logits(predictor: Predictor, prepared: Prepared, logits: Tens
                           ) -> tuple[Posterior, list[int]]:
     """``Predictor.posterior_all`` after its forward pass: logits (B, Q, n) of a prepared batch
     -> one Posterior over every query row (rows concatenated) and each curve's first row."""
-    n_query = torch.tensor(prepared.n_query)
-    valid = torch.arange(logits.shape[1])[None, :] < n_query[:, None]  # (B, Q)
-    rows = logits.float()[valid]  # (R, n), curve-major like posterior_all
-    starts = np.concatenate([[0], np.cumsum(prepared.n_query)]).tolist()
-    post = Posterior(
-        predictor.bar,
-        rows,
-        prepared.scale.repeat_interleave(n_query),
-        prepared.offset.repeat_interleave(n_query),
-        np.concatenate(prepared.query_epochs),
-    )
+    B, Q = logits.shape[:2]
+    counts = prepared.n_query
+    if all(q == Q for q in counts):  # every curve asks the same number of queries
+        rows = logits.float().reshape(B * Q, -1)
+        scale, offset = prepared.scale.repeat_interleave(Q), prepared.offset.repeat_interleave(Q)
+    else:
+        n_query = torch.tensor(counts)
+        valid = torch.arange(Q)[None, :] < n_query[:, None]  # (B, Q)
+        rows = logits.float()[valid]  # (R, n), curve-major like posterior_all
+        scale = prepared.scale.repeat_interleave(n_query)
+        offset = prepared.offset.repeat_interleave(n_query)
+    starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    post = Posterior(predictor.bar, rows, scale, offset, np.concatenate(prepared.query_epochs))
     return post, starts
 
 
@@ -280,7 +283,7 @@ def summarize(
     if quantiles and all(isinstance(q, (int, float)) for q in quantiles):
         per_q = [quantile_levels(quantiles)] * n
     else:
-        per_q = [quantile_levels(q, i) for i, q in enumerate(quantiles)]  # type: ignore[arg-type]
+        per_q = [quantile_levels(q, i) for i, q in enumerate(quantiles)]
     thresholds = thresholds if thresholds is not None else [None] * n
     density_at = density_at if density_at is not None else [None] * n
     if not len(per_q) == len(thresholds) == len(density_at) == n:

@@ -3,29 +3,36 @@
 Given the first observed points of noisy curves, :func:`mcmc_posterior_predictive` samples the
 posterior of every curve parameter, the component weights and the noise scale under exactly the
 prior and likelihood :class:`~prior.core.CurvePrior` defines, and returns the posterior
-predictive as the mixture over the draws of ``N(y; f_theta(x), sigma^2)``.
+predictive as the equal-weight mixture over the draws of ``N(y; f_theta(x), sigma^2)``.
 
 Model. ``theta`` is an unconstrained vector per curve: ``logit`` of each ``U(0,1)`` weight; for
-each basis parameter, its *standard draw* as :meth:`ParamPrior.transform` reads it (``logit`` of
+each basis parameter its *standard draw* as :meth:`ParamPrior.transform` reads it (``logit`` of
 the ``U(0,1)`` draw for uniform kinds, the ``N(0,1)`` draw itself for normal / lognormal kinds);
 the standardised ``log sigma``. The log prior in these coordinates is the standard densities
-with the logit Jacobians, ``-inf`` unless the noise-free curve over the prior's whole epoch grid
-``1..m`` satisfies the prior's rules (``f(m) > f(1)``, inside ``[0, 1]``, no NaN); the
-likelihood is i.i.d. Gaussian noise at the observed epochs.
+plus the logit Jacobians, and ``-inf`` unless the noise-free curve on the prior's whole epoch
+grid ``1..m`` obeys the prior's rules (``f(m) > f(1)``, inside ``[0, 1]``, no NaN): the prior's
+rejection step makes these rules its support. The likelihood is i.i.d. Gaussian noise at the
+observed epochs.
 
-Sampler. The affine-invariant ensemble sampler with the stretch move (Goodman & Weare 2010; the
-emcee algorithm the paper used), vectorised over curves x walkers: one tensor holds all walkers
-of a chunk of curves, each half-ensemble update is one batched log-posterior evaluation. Walkers
-start at the best ``n_walkers`` (by posterior density, noise profiled) of a shared pool of
-accepted prior draws.
+Sampler. The affine-invariant ensemble sampler with the stretch move (Goodman & Weare 2010;
+emcee's algorithm, which the paper used), vectorised over curves x walkers: one tensor holds all
+walkers of a chunk of curves and each half-ensemble update is one batched log-posterior call.
+Walkers start either (``anneal=True``, default) from an adaptive tempering run (a sequential
+Monte Carlo sampler: prior draws, likelihood raised from power 0 to 1 in steps that keep the
+effective sample size at ``anneal_ess`` of the walkers, resampling, ``anneal_sweeps`` stretch
+sweeps per step), which places the walkers across all posterior modes in proportion to their
+mass, or (``anneal=False``, the paper's recipe) at the best ``n_walkers`` of ``init_pool``
+accepted prior draws, followed by ``burn_in`` sweeps. The paper-style start leaves walkers stuck
+in poor local modes for thousands of steps (split R-hat 2-4 on this prior); see docs/mcmc.md.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -36,27 +43,66 @@ Tensor = torch.Tensor
 _UNIFORM_KINDS = ("uniform", "exp_uniform", "one_minus_exp_uniform")
 _STRETCH_A = 2.0  # stretch-move scale (emcee's default)
 _EPS = 1e-12
+# Each basis' amplitude parameters: f(x; s * amplitudes, rest) = s * f(x; amplitudes, rest).
+# With the component weight w, (w, amplitudes) -> (w s, amplitudes / s) leaves the curve, hence
+# the likelihood, unchanged: a ridge of the posterior along which the prior alone decides.
+_AMPLITUDES = {
+    "pow3": ("c", "a"),
+    "ilog2": ("c", "a"),
+    "janoschek": ("a", "beta"),
+    "log_power": ("a",),
+    "weibull": ("alpha", "beta"),
+    "mmf": ("alpha", "beta"),
+    "dr_hill": ("theta",),
+}
+_FIBER_SCALE = 0.5  # std of log s in the ridge moves
+_MAX_STAGES = 1000  # annealing gives up (jumps to the posterior) after this many steps
+_F64 = torch.float64
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class _Model:
-    """The unconstrained parameterisation of a CurvePrior and its log posterior."""
+    """The unconstrained parameterisation of a CurvePrior and its log densities."""
 
-    def __init__(self, prior: CurvePrior, dtype: torch.dtype) -> None:
+    def __init__(self, prior: CurvePrior, dtype: torch.dtype, compiled: bool) -> None:
         self.prior = prior
-        self.dtype = dtype  # dtype of curve evaluation
+        self.dtype = dtype  # dtype of the curve evaluation (state and densities: float64)
         self.k = len(prior.components)
         self.specs: list[tuple[int, ParamPrior]] = [
             (j, p) for j, c in enumerate(prior.components) for p in BASES[c].params
         ]
         self.uniform = torch.tensor([p.dist in _UNIFORM_KINDS for _, p in self.specs])
         self.dim = self.k + len(self.specs) + 1
-        self.names = (
+        self.names = tuple(
             [f"w_{c}" for c in prior.components]
             + [f"{prior.components[j]}.{p.name}" for j, p in self.specs]
             + ["log_sigma"]
         )
+        # ridge moves: per coordinate its kind (1 uniform, 2 normal, 0 other), offset and
+        # scale (x = lo + width * sigmoid(t) or lo + width * t), and per component the
+        # exponent of s applied to each coordinate (+1 weight, -1 amplitudes, 0 untouched)
+        kind, lo, width = [1] * self.k, [0.0] * self.k, [1.0] * self.k
+        for _, p in self.specs:
+            kind.append({"uniform": 1, "normal": 2}.get(p.dist, 0))
+            lo.append(p.a)
+            width.append(p.b - p.a if p.dist == "uniform" else p.b)
+        kind.append(0)
+        lo.append(0.0)
+        width.append(1.0)
+        self.kind = torch.tensor(kind)
+        self.lo = torch.tensor(lo, dtype=_F64)
+        self.width = torch.tensor(width, dtype=_F64)
+        self.exponent = torch.zeros(self.k, self.dim, dtype=_F64)
+        for j, comp in enumerate(prior.components):
+            amps = [self.k + i for i, (jj, p) in enumerate(self.specs)
+                    if jj == j and p.name in _AMPLITUDES.get(comp, ()) and kind[self.k + i]]
+            if len(amps) == len(_AMPLITUDES.get(comp, ())) > 0:
+                self.exponent[j, j] = 1.0
+                self.exponent[j, amps] = -1.0
+        self.log_parts: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] = (
+            torch.compile(self._log_parts, dynamic=True) if compiled else self._log_parts
+        )
 
-    # --- coordinates -------------------------------------------------------------------------
     def to_params(self, th: Tensor) -> tuple[Tensor, list[dict[str, Tensor]], Tensor]:
         """theta (B, D) -> weights (B, K), per-component params (B, 1), log sigma (B,)."""
         w = torch.sigmoid(th[:, : self.k])
@@ -69,56 +115,56 @@ class _Model:
         return w, params, ls
 
     def from_params(self, w: Tensor, params: list[dict[str, Tensor]], ls: Tensor) -> Tensor:
-        """Inverse of :meth:`to_params` (float64)."""
+        """Inverse of :meth:`to_params`: theta (B, D) float64."""
         cols = [_logit(w[:, j].double()) for j in range(self.k)]
-        for j, p in self.specs:
-            cols.append(_standard(p, params[j][p.name][:, 0].double()))
+        cols += [_standard(p, params[j][p.name][:, 0].double()) for j, p in self.specs]
         cols.append((ls.double() - self.prior.log_sigma_mean) / self.prior.log_sigma_std)
         return torch.stack(cols, 1)
 
     def log_prior_free(self, th: Tensor) -> Tensor:
-        """Unconstrained log prior density of theta (B, D), without the support rules."""
+        """Log prior density of theta (B, D) up to a constant, without the support rules."""
+        logsig = torch.nn.functional.logsigmoid
         u = th[:, self.k : -1]
-        uni = self.uniform.to(th.device)
-        lu = torch.nn.functional.logsigmoid(u) + torch.nn.functional.logsigmoid(-u)
+        lu = torch.where(self.uniform, logsig(u) + logsig(-u), -0.5 * u * u)
         lw = th[:, : self.k]
-        lw = torch.nn.functional.logsigmoid(lw) + torch.nn.functional.logsigmoid(-lw)
-        return lw.sum(1) + torch.where(uni, lu, -0.5 * u * u).sum(1) - 0.5 * th[:, -1] ** 2
+        return (logsig(lw) + logsig(-lw)).sum(1) + lu.sum(1) - 0.5 * th[:, -1] ** 2
 
     def curves(self, th: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Noise-free curves f (B, L) at x (L,) in ``self.dtype`` and log sigma (B,)."""
+        """Noise-free curves f (B, L) at x (L,) in ``x.dtype``, and log sigma (B,)."""
         w, params, ls = self.to_params(th)
-        w = w.to(self.dtype)
-        p = [{nm: v.to(self.dtype) for nm, v in d.items()} for d in params]
+        w = w.to(x.dtype)
+        p = [{nm: v.to(x.dtype) for nm, v in d.items()} for d in params]
         comps = self.prior.components
         f = w[:, :1] * BASES[comps[0]].fn(x, p[0])
         for j in range(1, self.k):
             f = f + w[:, j : j + 1] * BASES[comps[j]].fn(x, p[j])
         return f, ls
 
-    def log_parts(self, th: Tensor, xs: Tensor, obs: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Log prior (-inf outside the support) and log likelihood (up to constants) of theta
-        (N, H, D) given y (N, c) at xs[obs]; xs (L,) starts with the prior's grid 1..m."""
+    def _log_parts(self, th: Tensor, xs: Tensor, obs: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Log prior (-inf outside the support) and log likelihood (-inf there too; up to
+        constants) of theta (N, H, D) given y (N, c) at xs[obs]; xs (L,) starts with the grid
+        1..m on which the support rules are checked."""
         n, h, d = th.shape
         flat = th.reshape(n * h, d)
         f, ls = self.curves(flat, xs)  # (N*H, L)
-        m = self.prior.n_epochs
-        g = f[:, :m]
-        ok = (g[:, -1] > g[:, 0]) & ~g.isnan().any(1)
-        if self.prior.range_constraint:
-            ok &= ((g >= 0) & (g <= 1)).all(1)
-        r = (y.to(self.dtype)[:, None, :] - f[:, obs].view(n, h, -1)) * torch.exp(-ls).view(
-            n, h, 1
-        ).to(self.dtype)  # (N, H, c) standardised residuals
-        ll = -0.5 * r.square().sum(2).double() - obs.numel() * ls.view(n, h)
+        g = f[:, : self.prior.n_epochs]
+        ok = g[:, -1] > g[:, 0]
+        if self.prior.range_constraint:  # NaN fails both comparisons
+            ok = ok & (g.amin(1) >= 0) & (g.amax(1) <= 1)
+        else:
+            ok = ok & ~g.isnan().any(1)
+        inv = torch.exp(-ls).to(f.dtype).view(n, h, 1)
+        r = (y.to(f.dtype)[:, None, :] - f[:, obs].view(n, h, -1)) * inv  # (N, H, c)
+        ll = -0.5 * r.square().sum(2).double() - obs.numel() * (ls.view(n, h) + _HALF_LOG_2PI)
         lpr = self.log_prior_free(flat).view(n, h)
         ok = ok.view(n, h) & ~ll.isnan() & ~lpr.isnan()
         inf = torch.full_like(ll, -math.inf)
         return torch.where(ok, lpr, inf), torch.where(ok, ll, inf)
 
-    def log_post(self, th: Tensor, xs: Tensor, obs: Tensor, y: Tensor) -> Tensor:
-        lpr, ll = self.log_parts(th, xs, obs, y)
-        return lpr + ll
+
+@functools.lru_cache(maxsize=16)
+def _model(prior: CurvePrior, dtype: torch.dtype, compiled: bool) -> _Model:
+    return _Model(prior, dtype, compiled)
 
 
 def _logit(r: Tensor) -> Tensor:
@@ -140,40 +186,38 @@ def _standard(p: ParamPrior, v: Tensor) -> Tensor:
 
 
 def _union(grid: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Points grid + (x not on the grid), and the index of each x in them."""
+    """Points ``grid`` followed by the x not on it, and the index of each x in them."""
     hit = x[:, None] == grid[None, :]
     found = hit.any(1)
     extra = x[~found]
-    xs = torch.cat([grid, extra])
     idx = hit.to(torch.int64).argmax(1)
     idx[~found] = grid.numel() + torch.arange(extra.numel())
-    return xs, idx
+    return torch.cat([grid, extra]), idx
 
 
 # --- diagnostics ------------------------------------------------------------------------------
 def split_rhat(chains: Tensor) -> Tensor:
-    """Split R-hat (Gelman et al. 2013) of chains (..., C, T) over the last two dims -> (...)."""
+    """Split R-hat (Gelman et al. 2013) of chains (..., C, T) -> (...): each chain's halves
+    count as two chains; values near 1 mean the chains agree."""
     t = chains.shape[-1] // 2
     c = torch.cat([chains[..., :t], chains[..., t : 2 * t]], -2).double()  # (..., 2C, t)
-    w = c.var(-1).mean(-1)
-    b_over_n = c.mean(-1).var(-1)
-    var = (t - 1) / t * w + b_over_n
-    return torch.sqrt(var / w.clamp_min(_EPS * _EPS))
+    within = c.var(-1).mean(-1)
+    between = c.mean(-1).var(-1)  # B / n
+    return torch.sqrt(((t - 1) / t * within + between) / within.clamp_min(1e-300))
 
 
 def ensemble_ess(chains: Tensor, c: float = 5.0) -> Tensor:
-    """Effective sample size of walkers (..., W, T): W*T / tau, with tau the integrated
-    autocorrelation time of the walker-averaged autocorrelation function and Sokal's automatic
-    window (the estimator emcee recommends for ensembles)."""
+    """Effective sample size of walkers (..., W, T) -> (...): W*T / tau, tau the integrated
+    autocorrelation time of the walker-averaged autocorrelation function with Sokal's window
+    (emcee's estimator; trustworthy when T > 50 tau)."""
     w, t = chains.shape[-2:]
     x = chains.double() - chains.double().mean(-1, keepdim=True)
     nfft = 1 << (2 * t - 1).bit_length()
     fx = torch.fft.rfft(x, n=nfft)
     acf = torch.fft.irfft(fx * fx.conj(), n=nfft)[..., :t].mean(-2)  # (..., T)
     acf = acf / acf[..., :1].clamp_min(1e-300)
-    taus = 2.0 * acf.cumsum(-1) - 1.0  # tau estimate for each window size M
-    m = torch.arange(t, dtype=taus.dtype)
-    ok = m < c * taus
+    taus = 2.0 * acf.cumsum(-1) - 1.0  # tau for each window size M
+    ok = torch.arange(t, dtype=taus.dtype) < c * taus
     window = torch.where(ok.all(-1), t - 1, (~ok).to(torch.int64).argmax(-1))
     tau = taus.gather(-1, window[..., None])[..., 0].clamp_min(1.0)
     return w * t / tau
@@ -182,36 +226,66 @@ def ensemble_ess(chains: Tensor, c: float = 5.0) -> Tensor:
 # --- result -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MCMCSettings:
-    """How a reference posterior was sampled."""
+    """How the reference posterior is sampled; validated on construction."""
 
-    n_walkers: int  # ensemble size per curve
-    n_samples: int  # stretch-move steps per walker after burn-in
-    burn_in: int  # discarded steps per walker
-    thin: int  # keep every thin-th step after burn-in
-    init_pool: int  # accepted prior draws scored to pick the starting walkers
-    dtype: str  # dtype of the curve evaluation ("float32" or "float64")
-    de_fraction: float = 0.0  # share of differential-evolution moves (rest: stretch moves)
+    n_walkers: int = 512  # ensemble size per curve (even, >= twice the dimension)
+    n_samples: int = 100  # stretch-move sweeps per walker after burn-in
+    burn_in: int = 0  # discarded sweeps per walker (after the annealing, if any)
+    thin: int = 10  # keep every thin-th sweep after burn-in
+    anneal: bool = True  # start from a tempering (SMC) run rather than the best prior draws
+    anneal_ess: float = 0.5  # tempering steps keep this share of the walkers as effective draws
+    anneal_sweeps: int = 10  # stretch sweeps after each tempering step
+    ridge: bool = True  # one ridge move (weight x amplitude rescaling) per walker per sweep
+    init_pool: int = 8192  # prior draws scored to pick the starting walkers when not annealing
+    chunk: int = 128  # curves sampled together in one tensor (memory ~ chunk * n_walkers)
+    dtype: str = "float32"  # curve-evaluation precision (state and densities are float64)
+    compiled: bool = False  # log density via torch.compile (~3.5x faster, ~30-60 s warm-up)
+    threads: int = 1  # torch intra-op threads while sampling (restored after); more threads
+    # only pay on an idle CPU: on a shared one, 2 threads made small batches ~100x slower
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("n_walkers", self.n_walkers % 2 == 0 and self.n_walkers >= 4, "an even number >= 4"),
+            ("n_samples", self.n_samples >= 4 * self.thin, ">= 4 * thin (4 kept sweeps)"),
+            ("burn_in", self.burn_in >= 0, ">= 0"),
+            ("thin", self.thin >= 1, ">= 1"),
+            ("anneal_ess", 0 < self.anneal_ess < 1, "strictly between 0 and 1"),
+            ("anneal_sweeps", self.anneal_sweeps >= 1, ">= 1"),
+            ("init_pool", self.anneal or self.init_pool >= self.n_walkers, ">= n_walkers"),
+            ("chunk", self.chunk >= 1, ">= 1"),
+            ("dtype", self.dtype in ("float32", "float64"), "'float32' or 'float64'"),
+            ("threads", self.threads >= 1, ">= 1"),
+        ]
+        for name, ok, need in checks:
+            if not ok:
+                raise ValueError(f"{name}: need {need}, got {getattr(self, name)!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float32 if self.dtype == "float32" else torch.float64
 
 
 @dataclass(frozen=True)
 class MCMCResult:
-    """Posterior draws for n curves and their posterior predictive at ``x_query``.
+    """Posterior draws of n curves and their posterior predictive at ``x_query``.
 
-    Draws are kept per walker and step (thinned) so diagnostics can be recomputed; the
-    predictive is the equal-weight mixture over all ``n_walkers * n_kept`` draws."""
+    Draws are kept per walker and sweep, so diagnostics can be recomputed; the predictive is the
+    equal-weight mixture over all ``n_walkers * n_kept`` draws of each curve."""
 
     prior: CurvePrior  # the prior sampled under
-    x_query: Tensor  # (Q,) query epochs
-    theta: Tensor  # (n, W, T, D) float32 unconstrained draws (see module docstring)
-    log_prob: Tensor  # (n, W, T) float64 log posterior (up to a constant) of each draw
-    acceptance: Tensor  # (n,) share of accepted stretch moves (burn-in included)
-    rhat: Tensor  # (n, 3) split R-hat of (log sigma, f at last query epoch, log posterior)
-    ess: Tensor  # (n, 3) ensemble effective sample size of the same quantities
-    rhat_params: Tensor  # (n,) max split R-hat over all D coordinates of theta
+    x_query: Tensor  # (Q,) float64 query epochs
+    theta: Tensor  # (n, W, T, D) float64 unconstrained draws (see the module docstring)
+    log_prob: Tensor  # (n, W, T) float64 log posterior of each draw (prior up to a constant)
+    acceptance: Tensor  # (n,) share of accepted stretch moves after the annealing
+    rhat: Tensor  # (n, 3) split R-hat over walkers of (log sigma, f(x_query[-1]), log_prob)
+    ess: Tensor  # (n, 3) ensemble effective sample size of the same three quantities
+    rhat_params: Tensor  # (n,) max split R-hat over the D coordinates of theta
+    n_stages: Tensor  # (n,) tempering steps (0 without annealing)
+    log_evidence: Tensor  # (n,) log p(y_obs), the marginal likelihood, from the annealing
+    # (NaN without): the product of the tempering steps' mean incremental weights
     seconds: float  # wall time of the whole call
     settings: MCMCSettings
-    names: tuple[str, ...] = field(default=())  # names of the D coordinates of theta
-    chunk: int = 64  # curves per chunk when evaluating the predictive
+    names: tuple[str, ...]  # names of the D coordinates of theta
 
     @property
     def n_curves(self) -> int:
@@ -225,30 +299,30 @@ class MCMCResult:
     def seconds_per_curve(self) -> float:
         return self.seconds / max(self.n_curves, 1)
 
-    def draws(self) -> Tensor:
-        """(n, S, D) float64 draws, S = W * T."""
-        return self.theta.flatten(1, 2).double()
+    def params(self) -> tuple[Tensor, list[dict[str, Tensor]], Tensor]:
+        """All draws in the prior's own terms: weights (n*S, K), per-component parameters
+        (n*S, 1) and sigma (n*S,), rows curve-major (S = n_draws)."""
+        model = _model(self.prior, _F64, False)
+        w, p, ls = model.to_params(self.theta.flatten(0, 2).double())
+        return w, p, ls.exp()
 
-    def _predictive(self) -> Iterator[tuple[slice, Tensor, Tensor]]:
-        """Per chunk of curves: (rows, f at x_query (n_c, S, Q) float64, sigma (n_c, S, 1))."""
-        model = _Model(self.prior, torch.float64)
-        th = self.draws()
-        for s in range(0, self.n_curves, self.chunk):
-            t = th[s : s + self.chunk]
+    def _predictive(self, chunk: int) -> Iterator[tuple[slice, Tensor, Tensor]]:
+        """Per chunk of curves: rows, f at x_query (n_c, S, Q) and sigma (n_c, S, 1), float64."""
+        model = _model(self.prior, _F64, False)
+        for s in range(0, self.n_curves, chunk):
+            t = self.theta[s : s + chunk].flatten(1, 2).double()
             nc, ns, d = t.shape
-            f, ls = model.curves(t.reshape(nc * ns, d), self.x_query.double())
+            f, ls = model.curves(t.reshape(nc * ns, d), self.x_query)
             yield slice(s, s + nc), f.view(nc, ns, -1), ls.exp().view(nc, ns, 1)
 
     def log_density(self, y_query: Tensor) -> Tensor:
         """log p(y_query | observed) (n, Q): the exact mixture over the draws (logsumexp)."""
-        if y_query.shape != (self.n_curves, self.x_query.numel()):
-            raise ValueError(
-                f"y_query: expected shape {(self.n_curves, self.x_query.numel())}, "
-                f"got {tuple(y_query.shape)}"
-            )
-        out = torch.empty(y_query.shape, dtype=torch.float64)
-        yq = y_query.double()
-        for rows, f, sig in self._predictive():
+        shape = (self.n_curves, self.x_query.numel())
+        if tuple(y_query.shape) != shape:
+            raise ValueError(f"y_query: expected shape {shape}, got {tuple(y_query.shape)}")
+        out = torch.empty(shape, dtype=_F64)
+        yq = torch.as_tensor(y_query).double()
+        for rows, f, sig in self._predictive(16):
             z = (yq[rows][:, None, :] - f) / sig
             lp = -0.5 * z * z - sig.log() - 0.5 * math.log(2 * math.pi)
             out[rows] = torch.logsumexp(lp, 1) - math.log(f.shape[1])
@@ -256,34 +330,32 @@ class MCMCResult:
 
     def mean(self) -> Tensor:
         """Posterior predictive mean (n, Q)."""
-        out = torch.empty(self.n_curves, self.x_query.numel(), dtype=torch.float64)
-        for rows, f, _ in self._predictive():
+        out = torch.empty(self.n_curves, self.x_query.numel(), dtype=_F64)
+        for rows, f, _ in self._predictive(64):
             out[rows] = f.mean(1)
         return out
 
-    def quantile(self, qs: Sequence[float], iters: int = 50) -> Tensor:
-        """Posterior predictive quantiles (n, Q, len(qs)) by bisection on the mixture CDF."""
-        q = torch.tensor(list(qs), dtype=torch.float64)
+    def quantile(self, qs: Sequence[float], iters: int = 40) -> Tensor:
+        """Posterior predictive quantiles (n, Q, len(qs)), by bisection on the mixture CDF."""
+        q = torch.tensor(list(qs), dtype=_F64)
         if q.numel() == 0 or bool(((q <= 0) | (q >= 1)).any()):
             raise ValueError(f"qs: need probabilities strictly inside (0, 1), got {list(qs)}")
-        out = torch.empty(self.n_curves, self.x_query.numel(), q.numel(), dtype=torch.float64)
-        for rows, f, sig in self._predictive():
-            lo = (f - 8 * sig).amin(1)[..., None].expand(-1, -1, q.numel()).clone()
-            hi = (f + 8 * sig).amax(1)[..., None].expand(-1, -1, q.numel()).clone()
+        out = torch.empty(self.n_curves, self.x_query.numel(), q.numel(), dtype=_F64)
+        for rows, f, sig in self._predictive(4):
+            lo = (f - 10 * sig).amin(1)[..., None].expand(-1, -1, q.numel())
+            hi = (f + 10 * sig).amax(1)[..., None].expand(-1, -1, q.numel())
             for _ in range(iters):
                 mid = 0.5 * (lo + hi)  # (n_c, Q, nq)
                 z = (mid[:, None] - f[..., None]) / sig[..., None]  # (n_c, S, Q, nq)
-                cdf = torch.special.ndtr(z).mean(1)
-                below = cdf < q
-                lo = torch.where(below, mid, lo)
-                hi = torch.where(below, hi, mid)
+                below = torch.special.ndtr(z).mean(1) < q
+                lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
             out[rows] = 0.5 * (lo + hi)
         return out
 
     def summary(self) -> dict[str, float]:
         """Convergence and cost in a few numbers (medians and tails over curves)."""
-        r = self.rhat.max(1).values
-        e = self.ess.min(1).values
+        r = self.rhat.amax(1)
+        e = self.ess.amin(1)
         return {
             "n_curves": float(self.n_curves),
             "n_draws": float(self.n_draws),
@@ -295,96 +367,174 @@ class MCMCResult:
             "ess_median": float(e.median()),
             "ess_p10": float(e.quantile(0.1)),
             "acceptance_mean": float(self.acceptance.mean()),
+            "stages_mean": float(self.n_stages.double().mean()),
             "seconds": self.seconds,
             "seconds_per_curve": self.seconds_per_curve,
         }
 
 
 # --- sampler ------------------------------------------------------------------------------------
-def _initial_walkers(
-    model: _Model,
-    pool: Tensor,
-    pool_f: Tensor,
-    pool_lp: Tensor,
-    y: Tensor,
-    n_walkers: int,
-) -> Tensor:
-    """The n_walkers best pool draws for each curve (N, W, D), log sigma at its conditional
-    mode given the draw's residuals."""
+@dataclass
+class _Ensemble:
+    """Walkers of a batch of curves (mutable state of the sampler)."""
+
+    th: Tensor  # (N, W, D) float64 positions
+    lpr: Tensor  # (N, W) log prior (-inf outside the support)
+    ll: Tensor  # (N, W) log likelihood
+    beta: Tensor  # (N, 1) likelihood power (1 = posterior)
+
+    def select(self, idx: Tensor) -> _Ensemble:
+        return _Ensemble(self.th[idx], self.lpr[idx], self.ll[idx], self.beta[idx])
+
+    def put(self, idx: Tensor, other: _Ensemble) -> None:
+        self.th[idx], self.lpr[idx], self.ll[idx] = other.th, other.lpr, other.ll
+        self.beta[idx] = other.beta
+
+
+def _target(lpr: Tensor, ll: Tensor, beta: Tensor) -> Tensor:
+    return torch.where(torch.isinf(lpr), lpr, lpr + beta * ll)
+
+
+def _sweep(model: _Model, xs: Tensor, obs: Tensor, y: Tensor, e: _Ensemble,
+           g: torch.Generator, ridge: bool) -> Tensor:
+    """One stretch-move update of every walker (two half-ensemble steps), then (``ridge``) one
+    ridge move, in place; returns the share of accepted stretch moves per curve (N,)."""
+    n, w, d = e.th.shape
+    h = w // 2
+    acc = torch.zeros(n, dtype=_F64)
+    a = _STRETCH_A
+    for act, oth in ((slice(0, h), slice(h, w)), (slice(h, w), slice(0, h))):
+        u = torch.rand(n, h, 2, generator=g, dtype=_F64)
+        j = torch.randint(0, h, (n, h), generator=g)  # partner in the other half
+        z = ((a - 1.0) * u[..., 0] + 1.0) ** 2 / a  # (N, H), density ~ 1/sqrt(z) on [1/a, a]
+        xk = e.th[:, act]
+        xj = e.th[:, oth].gather(1, j[..., None].expand(-1, -1, d))
+        prop = xj + z[..., None] * (xk - xj)
+        lpr, ll = model.log_parts(prop, xs, obs, y)
+        log_ratio = (d - 1) * z.log() + _target(lpr, ll, e.beta) - _target(
+            e.lpr[:, act], e.ll[:, act], e.beta
+        )
+        ok = u[..., 1].log() < log_ratio  # False for a -inf proposal
+        e.th[:, act] = torch.where(ok[..., None], prop, xk)
+        e.lpr[:, act] = torch.where(ok, lpr, e.lpr[:, act])
+        e.ll[:, act] = torch.where(ok, ll, e.ll[:, act])
+        acc += ok.double().sum(1)
+    if ridge and bool((model.exponent != 0).any()):
+        _ridge_move(model, xs, obs, y, e, g)
+    return acc / w
+
+
+def _ridge_move(model: _Model, xs: Tensor, obs: Tensor, y: Tensor, e: _Ensemble,
+                g: torch.Generator) -> Tensor:
+    """One ridge move per walker, in place: for a random component, weight w -> w s and its
+    amplitude parameters p -> p / s (log s ~ N(0, _FIBER_SCALE^2)), which keeps the curve;
+    Metropolis-Hastings with the Jacobian of the map. Returns the acceptance share (N,)."""
+    n, w, d = e.th.shape
+    comp = torch.randint(0, model.k, (n, w), generator=g)
+    ex = model.exponent[comp]  # (N, W, D)
+    log_s = _FIBER_SCALE * torch.randn(n, w, 1, generator=g, dtype=_F64) * ex
+    uni = (model.kind == 1) & (ex != 0)
+    nor = (model.kind == 2) & (ex != 0)
+    logsig = torch.nn.functional.logsigmoid
+    x = model.lo + model.width * torch.where(uni, torch.sigmoid(e.th), e.th)
+    r2 = (x * log_s.exp() - model.lo) / model.width  # new sigmoid value (uniform) or draw
+    valid = torch.where(uni, (r2 > 0) & (r2 < 1), True).all(-1)
+    r2 = torch.where(uni & ~valid[..., None], 0.5, r2)
+    th2 = torch.where(uni, torch.log(r2) - torch.log1p(-r2), torch.where(nor, r2, e.th))
+    th2 = torch.where(valid[..., None], th2, e.th)
+    log_j = log_s.sum(-1) + torch.where(
+        uni, logsig(e.th) + logsig(-e.th) - torch.log(r2) - torch.log1p(-r2), 0.0
+    ).sum(-1)
+    lpr, ll = model.log_parts(th2, xs, obs, y)
+    log_ratio = _target(lpr, ll, e.beta) - _target(e.lpr, e.ll, e.beta) + log_j
+    u = torch.rand(n, w, generator=g, dtype=_F64)
+    ok = valid & (u.log() < log_ratio)
+    e.th.copy_(torch.where(ok[..., None], th2, e.th))
+    e.lpr.copy_(torch.where(ok, lpr, e.lpr))
+    e.ll.copy_(torch.where(ok, ll, e.ll))
+    return ok.double().mean(1)
+
+
+def _resample(e: _Ensemble, log_w: Tensor, g: torch.Generator) -> _Ensemble:
+    """Systematic resampling of each curve's walkers by weights exp(log_w) (N, W), then a random
+    permutation (the stretch move splits walkers into halves by position)."""
+    n, w = log_w.shape
+    cdf = torch.softmax(log_w, 1).cumsum(1)
+    cdf[:, -1] = 1.0
+    pos = (torch.rand(n, 1, generator=g, dtype=_F64) + torch.arange(w, dtype=_F64)) / w
+    idx = torch.searchsorted(cdf, pos).clamp_max(w - 1)
+    idx = idx.gather(1, torch.argsort(torch.rand(n, w, generator=g), 1))
+    return _Ensemble(
+        e.th.gather(1, idx[..., None].expand(-1, -1, e.th.shape[2])),
+        e.lpr.gather(1, idx),
+        e.ll.gather(1, idx),
+        e.beta.clone(),
+    )
+
+
+def _ess(log_w: Tensor) -> Tensor:
+    w = torch.softmax(log_w, -1)
+    return 1.0 / (w * w).sum(-1, keepdim=True)
+
+
+def _next_step(ll: Tensor, beta: Tensor, ess_frac: float) -> Tensor:
+    """Largest likelihood-power increment (N, 1) keeping ESS >= ess_frac * W (bisection)."""
+    target = ess_frac * ll.shape[1]
+    lo = torch.zeros_like(beta)
+    hi = 1.0 - beta
+    full = _ess(hi * ll) >= target
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        good = _ess(mid * ll) >= target
+        lo, hi = torch.where(good, mid, lo), torch.where(good, hi, mid)
+    return torch.where(full, 1.0 - beta, torch.maximum(lo, 1e-12 * torch.ones_like(lo)))
+
+
+def _anneal(model: _Model, xs: Tensor, obs: Tensor, y: Tensor, e: _Ensemble,
+            settings: MCMCSettings, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Adaptive tempering from the prior (beta = 0) to the posterior (beta = 1), in place;
+    returns the log evidence (N,) and the number of tempering steps (N,)."""
+    n, w, _ = e.th.shape
+    log_z = torch.zeros(n, dtype=_F64)
+    stages = torch.zeros(n, dtype=torch.int64)
+    # walkers outside the support (possible at float32 precision) are replaced first
+    e.put(torch.arange(n), _resample(e, torch.where(torch.isinf(e.ll), -math.inf, 0.0), g))
+    while True:
+        idx = (e.beta[:, 0] < 1).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        sub = e.select(idx)
+        step = _next_step(sub.ll, sub.beta, settings.anneal_ess)
+        step = torch.where(stages[idx, None] >= _MAX_STAGES, 1.0 - sub.beta, step)
+        log_w = step * sub.ll
+        log_z[idx] += torch.logsumexp(log_w, 1) - math.log(w)
+        sub = _resample(sub, log_w, g)
+        sub.beta = torch.where(sub.beta + step >= 1 - 1e-12, 1.0, sub.beta + step)
+        for _ in range(settings.anneal_sweeps):
+            _sweep(model, xs, obs, y[idx], sub, g, settings.ridge)
+        e.put(idx, sub)
+        stages[idx] += 1
+    return log_z, stages
+
+
+def _best_of_pool(model: _Model, pool: Tensor, pool_f: Tensor, y: Tensor, w: int) -> Tensor:
+    """The w best pool draws for each curve (N, w, D) by posterior density, each with log sigma
+    at its conditional mode given the draw's residuals (the paper-style start)."""
     c = y.shape[1]
-    y = y.double()
     sse = (y * y).sum(1, keepdim=True) - 2 * y @ pool_f.T + (pool_f * pool_f).sum(1)  # (N, P)
     sse = sse.clamp_min(1e-12)
-    # mode of -c*ls - sse/(2 e^{2 ls}) - ((ls - mu)/s)^2/2: a few Newton steps from 0.5 log(sse/c)
     mu, s = model.prior.log_sigma_mean, model.prior.log_sigma_std
-    ls = 0.5 * torch.log(sse / c)
+    ls = 0.5 * torch.log(sse / c)  # Newton steps to the mode of the log sigma conditional
     for _ in range(8):
-        e = sse * torch.exp(-2 * ls)
-        grad = -c + e - (ls - mu) / s**2
-        hess = -2 * e - 1 / s**2
-        ls = ls - grad / hess
+        ex = sse * torch.exp(-2 * ls)
+        ls = ls - (-c + ex - (ls - mu) / s**2) / (-2 * ex - 1 / s**2)
     z = (ls - mu) / s
-    score = -c * ls - 0.5 * sse * torch.exp(-2 * ls) - 0.5 * z * z + pool_lp
-    best = score.topk(n_walkers, 1).indices  # (N, W)
-    th = pool[best].clone()  # (N, W, D)
+    score = -c * ls - 0.5 * sse * torch.exp(-2 * ls) - 0.5 * z * z
+    score = score + model.log_prior_free(pool)  # sigma column of the pool is 0: no term
+    best = score.topk(w, 1).indices  # (N, w)
+    th = pool[best].clone()
     th[..., -1] = z.gather(1, best)
     return th
-
-
-def _run_chunk(
-    model: _Model,
-    xs: Tensor,
-    obs: Tensor,
-    y: Tensor,
-    th: Tensor,
-    settings: MCMCSettings,
-    g: torch.Generator,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Stretch-move ensemble MCMC for a chunk of curves; returns kept theta (N, W, T, D),
-    log posterior (N, W, T), acceptance rate (N,)."""
-    n, w, d = th.shape
-    h = w // 2
-    lp = model.log_post(th, xs, obs, y)
-    n_keep = settings.n_samples // settings.thin
-    kept = torch.empty(n, w, n_keep, d, dtype=torch.float32)
-    kept_lp = torch.empty(n, w, n_keep, dtype=torch.float64)
-    accepted = torch.zeros(n, dtype=torch.float64)
-    a = _STRETCH_A
-    gamma = 2.38 / math.sqrt(2 * d)
-    total = settings.burn_in + settings.n_samples
-    for step in range(total):
-        for half in (0, 1):
-            act = slice(0, h) if half == 0 else slice(h, w)
-            oth = slice(h, w) if half == 0 else slice(0, h)
-            u = torch.rand(n, h, 3, generator=g, dtype=torch.float64)
-            j = torch.randint(0, h, (n, h, 2), generator=g)  # partners in the other half
-            zs = ((a - 1.0) * u[..., 0] + 1.0) ** 2 / a  # (N, H), density ~ 1/sqrt(z) on [1/a, a]
-            xk = th[:, act]
-            other = th[:, oth]
-            xj = other.gather(1, j[..., 0:1].expand(-1, -1, d))
-            prop = xj + zs[..., None] * (xk - xj)
-            log_q = (d - 1) * zs.log()
-            if settings.de_fraction > 0:
-                # differential evolution (ter Braak 2006): x_k + gamma (x_j1 - x_j2), symmetric
-                xj2 = other.gather(1, j[..., 1:2].expand(-1, -1, d))
-                gam = torch.where(u[..., 2:3] < 0.1, 1.0, gamma)  # gamma = 1: jumps between modes
-                de = xk + gam * (xj - xj2) * (1 + 1e-4 * torch.randn(n, h, 1, generator=g, dtype=torch.float64))
-                use = (torch.rand(n, h, generator=g, dtype=torch.float64) < settings.de_fraction) & (j[..., 0] != j[..., 1])
-                prop = torch.where(use[..., None], de, prop)
-                log_q = torch.where(use, 0.0, log_q)
-            lp_new = model.log_post(prop, xs, obs, y)
-            log_ratio = log_q + lp_new - lp[:, act]
-            acc = u[..., 1].log() < log_ratio  # -inf -> -inf: nan < ... is False
-            th[:, act] = torch.where(acc[..., None], prop, xk)
-            lp[:, act] = torch.where(acc, lp_new, lp[:, act])
-            accepted += acc.double().sum(1)
-        kept_step = step - settings.burn_in
-        if kept_step >= 0 and (kept_step + 1) % settings.thin == 0:
-            i = (kept_step + 1) // settings.thin - 1
-            if i < n_keep:
-                kept[:, :, i] = th
-                kept_lp[:, :, i] = lp
-    return kept, kept_lp, accepted / (total * w)
 
 
 def mcmc_posterior_predictive(
@@ -392,103 +542,184 @@ def mcmc_posterior_predictive(
     y_obs: Tensor,
     x_query: Tensor,
     prior: CurvePrior | None = None,
-    n_walkers: int = 64,
-    n_samples: int = 1000,
-    burn_in: int = 500,
-    thin: int = 20,
+    n_walkers: int = MCMCSettings.n_walkers,
+    n_samples: int = MCMCSettings.n_samples,
+    burn_in: int = MCMCSettings.burn_in,
+    thin: int = MCMCSettings.thin,
     generator: torch.Generator | None = None,
-    init_pool: int = 8192,
-    chunk: int = 256,
-    dtype: torch.dtype = torch.float32,
-    de_fraction: float = 0.0,
+    anneal: bool = MCMCSettings.anneal,
+    anneal_ess: float = MCMCSettings.anneal_ess,
+    anneal_sweeps: int = MCMCSettings.anneal_sweeps,
+    ridge: bool = MCMCSettings.ridge,
+    init_pool: int = MCMCSettings.init_pool,
+    chunk: int = MCMCSettings.chunk,
+    dtype: str = MCMCSettings.dtype,
+    compiled: bool = MCMCSettings.compiled,
+    threads: int = MCMCSettings.threads,
 ) -> MCMCResult:
-    """Sample the posterior of n curves' parameters, weights and noise given observed points.
+    """Posterior predictive of n curves by ensemble MCMC under ``prior`` (default CurvePrior()).
 
-    x_obs (c,) observed epochs (shared), y_obs (n, c) observed noisy values, x_query (Q,) epochs
-    of the predictive. ``n_walkers`` (even, >= 2 * D) walkers per curve run ``burn_in`` +
-    ``n_samples`` stretch-move steps; every ``thin``-th step after burn-in is kept, so each curve
-    has ``n_walkers * (n_samples // thin)`` draws. ``chunk`` curves are sampled together (one
-    tensor of chunk x n_walkers walkers); ``dtype`` is the precision of the curve evaluation
-    (state and log densities are float64). Deterministic for a given generator state.
+    x_obs (c,) observed epochs, shared by all curves; y_obs (n, c) their noisy values; x_query
+    (Q,) epochs of the predictive. Each curve gets ``n_walkers`` walkers, started by annealing
+    (default) or from the best of ``init_pool`` prior draws (``anneal=False``: the paper's
+    MCMC-PP), then ``burn_in`` + ``n_samples`` stretch-move sweeps; every ``thin``-th sweep
+    after burn-in is kept, so each curve has ``n_walkers * (n_samples // thin)`` draws. See
+    :class:`MCMCSettings` for the other knobs. Deterministic for a given generator state
+    (default: seed 0) and thread count.
     """
+    settings = MCMCSettings(n_walkers, n_samples, burn_in, thin, anneal, anneal_ess,
+                            anneal_sweeps, ridge, init_pool, chunk, dtype, compiled, threads)
+    return sample_reference(x_obs, y_obs, x_query, prior, settings, generator)
+
+
+def sample_reference(
+    x_obs: Tensor,
+    y_obs: Tensor,
+    x_query: Tensor,
+    prior: CurvePrior | None = None,
+    settings: MCMCSettings | None = None,
+    generator: torch.Generator | None = None,
+) -> MCMCResult:
+    """:func:`mcmc_posterior_predictive` with its settings as one :class:`MCMCSettings`."""
+    st = settings if settings is not None else MCMCSettings()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(st.threads)
+    try:
+        return _sample(x_obs, y_obs, x_query, prior, st, generator)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sample(
+    x_obs: Tensor,
+    y_obs: Tensor,
+    x_query: Tensor,
+    prior: CurvePrior | None,
+    st: MCMCSettings,
+    generator: torch.Generator | None,
+) -> MCMCResult:
     prior = prior if prior is not None else CurvePrior()
     g = generator if generator is not None else torch.Generator().manual_seed(0)
-    model = _Model(prior, dtype)
+    dtype = st.torch_dtype
+    model = _model(prior, dtype, st.compiled)
     x_obs = torch.as_tensor(x_obs).reshape(-1)
-    x_query = torch.as_tensor(x_query).reshape(-1)
+    x_query = torch.as_tensor(x_query).reshape(-1).double()
     y_obs = torch.as_tensor(y_obs)
-    if y_obs.dim() != 2 or y_obs.shape[1] != x_obs.numel() or x_obs.numel() == 0:
+    c = x_obs.numel()
+    if y_obs.dim() != 2 or y_obs.shape[1] != c or c == 0:
         raise ValueError(
-            f"y_obs: expected shape (n, {x_obs.numel()}) matching x_obs (c,) with c >= 1, "
+            f"y_obs: expected shape (n, {c}) matching x_obs (c,) with c >= 1, "
             f"got {tuple(y_obs.shape)}"
         )
-    if not bool(torch.isfinite(y_obs).all()) or not bool(torch.isfinite(x_obs).all()):
-        raise ValueError("y_obs / x_obs: all values must be finite; drop missing epochs")
-    if x_query.numel() == 0:
-        raise ValueError("x_query: need at least one query epoch")
-    if n_walkers % 2 or n_walkers < 2 * model.dim:
+    if not (bool(torch.isfinite(y_obs).all()) and bool(torch.isfinite(x_obs).all())):
+        raise ValueError("x_obs / y_obs: all values must be finite; drop missing epochs")
+    if x_query.numel() == 0 or not bool(torch.isfinite(x_query).all()):
+        raise ValueError("x_query: need at least one query epoch, all finite")
+    if st.n_walkers < 2 * model.dim:
         raise ValueError(
-            f"n_walkers: need an even number >= 2 * {model.dim} (twice the dimension), "
-            f"got {n_walkers}"
+            f"n_walkers: need >= {2 * model.dim} (twice the dimension of prior "
+            f"{prior.name}), got {st.n_walkers}"
         )
-    if burn_in < 0 or thin < 1 or n_samples < 2 * thin:
-        raise ValueError(
-            f"n_samples/burn_in/thin: need burn_in >= 0, thin >= 1 and n_samples >= 2 * thin "
-            f"(>= 2 kept steps), got {n_samples}/{burn_in}/{thin}"
-        )
-    if init_pool < n_walkers:
-        raise ValueError(f"init_pool: need >= n_walkers ({n_walkers}), got {init_pool}")
-    settings = MCMCSettings(
-        n_walkers, n_samples, burn_in, thin, init_pool, str(dtype).removeprefix("torch."),
-        de_fraction,
-    )
+    settings = st
+    n_walkers, n_samples, burn_in, thin = st.n_walkers, st.n_samples, st.burn_in, st.thin
+    anneal, init_pool, chunk = st.anneal, st.init_pool, st.chunk
     t0 = time.perf_counter()
-    grid = torch.arange(1, prior.n_epochs + 1, dtype=dtype)
-    xs, obs = _union(grid, x_obs.to(dtype))
-
-    # a shared pool of accepted prior draws, scored per curve to start the walkers
-    w0, p0 = prior.sample_params(init_pool, g)
-    pool = model.from_params(w0, p0, torch.zeros(init_pool, dtype=torch.float64))
-    pool_f = model.curves(pool, xs)[0][:, obs].double()  # (P, c)
-    pool_lp = model.log_prior_free(pool)  # sigma column is 0 here: scored separately
-
-    n = y_obs.shape[0]
-    q_last = x_query[-1:].to(dtype)
-    thetas, lps, accs = [], [], []
+    xs, obs = _union(torch.arange(1, prior.n_epochs + 1, dtype=dtype), x_obs.to(dtype))
+    n, w, d = y_obs.shape[0], n_walkers, model.dim
+    n_keep = n_samples // thin
+    if not anneal:  # one pool of accepted prior draws, shared by all curves
+        wp, pp = prior.sample_params(init_pool, g)
+        pool = model.from_params(wp, pp, torch.zeros(init_pool, dtype=_F64))
+        pool_f = model.curves(pool, xs)[0][:, obs].double()  # (P, c)
+    theta = torch.empty(n, w, n_keep, d, dtype=_F64)
+    log_prob = torch.empty(n, w, n_keep, dtype=_F64)
+    acceptance = torch.empty(n, dtype=_F64)
+    n_stages = torch.zeros(n, dtype=torch.int64)
+    log_evidence = torch.full((n,), math.nan, dtype=_F64)
     for s in range(0, n, chunk):
         y = y_obs[s : s + chunk].double()
-        th = _initial_walkers(model, pool, pool_f, pool_lp, y, n_walkers)
-        kept, kept_lp, acc = _run_chunk(model, xs, obs, y, th, settings, g)
-        thetas.append(kept)
-        lps.append(kept_lp)
-        accs.append(acc)
-    theta = torch.cat(thetas) if thetas else torch.empty(0, n_walkers, n_samples // thin, model.dim)
-    log_prob = torch.cat(lps) if lps else torch.empty(0, n_walkers, n_samples // thin)
-    acceptance = torch.cat(accs) if accs else torch.empty(0)
+        nc = y.shape[0]
+        if anneal:
+            wp, pp = prior.sample_params(nc * w, g)
+            z = torch.randn(nc * w, generator=g, dtype=_F64)
+            th = model.from_params(wp, pp, prior.log_sigma_mean + prior.log_sigma_std * z)
+            th = th.view(nc, w, d)
+        else:
+            th = _best_of_pool(model, pool, pool_f, y, w)
+        lpr, ll = model.log_parts(th, xs, obs, y)
+        e = _Ensemble(th, lpr, ll, torch.full((nc, 1), 0.0 if anneal else 1.0, dtype=_F64))
+        if anneal:
+            log_evidence[s : s + nc], n_stages[s : s + nc] = _anneal(
+                model, xs, obs, y, e, settings, g
+            )
+        acc = torch.zeros(nc, dtype=_F64)
+        for step in range(burn_in + n_samples):
+            acc += _sweep(model, xs, obs, y, e, g, st.ridge)
+            kept = step - burn_in + 1
+            if kept > 0 and kept % thin == 0 and kept // thin <= n_keep:
+                theta[s : s + nc, :, kept // thin - 1] = e.th
+                log_prob[s : s + nc, :, kept // thin - 1] = e.lpr + e.ll
+        acceptance[s : s + nc] = acc / (burn_in + n_samples)
 
-    # diagnostics on log sigma, the curve's value at the last query epoch and the log posterior
-    nn, w, t, d = theta.shape
-    f_last = torch.empty(nn, w, t, dtype=torch.float64)
-    m64 = _Model(prior, torch.float64)
-    for s in range(0, nn, chunk):
-        part = theta[s : s + chunk].double()
-        f_last[s : s + chunk] = m64.curves(part.reshape(-1, d), q_last.double())[0].view(-1, w, t)
+    # diagnostics on log sigma, the curve at the last query epoch and the log posterior
+    f_last = torch.empty(n, w, n_keep, dtype=_F64)
+    m64 = _model(prior, _F64, False)
+    for s in range(0, n, chunk):
+        part = theta[s : s + chunk].double().reshape(-1, d)
+        f_last[s : s + chunk] = m64.curves(part, x_query[-1:])[0].view(-1, w, n_keep)
     quantities = torch.stack([theta[..., -1].double(), f_last, log_prob.clamp_min(-1e300)], 1)
-    rhat = split_rhat(quantities) if nn else torch.empty(0, 3)
-    ess = ensemble_ess(quantities) if nn else torch.empty(0, 3)
-    rhat_params = (
-        split_rhat(theta.permute(0, 3, 1, 2)).amax(1) if nn else torch.empty(0)
-    )
     return MCMCResult(
         prior=prior,
-        x_query=x_query.double(),
+        x_query=x_query,
         theta=theta,
         log_prob=log_prob,
         acceptance=acceptance,
-        rhat=rhat,
-        ess=ess,
-        rhat_params=rhat_params,
+        rhat=split_rhat(quantities),
+        ess=ensemble_ess(quantities),
+        rhat_params=split_rhat(theta.permute(0, 3, 1, 2)).amax(1),
+        n_stages=n_stages,
+        log_evidence=log_evidence,
         seconds=time.perf_counter() - t0,
         settings=settings,
-        names=tuple(model.names),
+        names=model.names,
     )
+
+
+def reference_log_likelihood(
+    y: Tensor,
+    cutoff: int,
+    prior: CurvePrior | None = None,
+    settings: MCMCSettings | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, MCMCResult]:
+    """The paper's measure for prior curves y (n, m) over epochs 1..m cut after ``cutoff``
+    points: per curve, the mean over epochs cutoff+1..m of the reference predictive log-density
+    of the noisy values -> (n,) float64, and the sampler's result."""
+    y = torch.as_tensor(y)
+    m = y.shape[1]
+    if not 1 <= cutoff < m:
+        raise ValueError(f"cutoff: need 1 <= cutoff < {m} (the curve length), got {cutoff}")
+    x = torch.arange(1, m + 1, dtype=torch.float64)
+    r = sample_reference(x[:cutoff], y[:, :cutoff], x[cutoff:], prior, settings, generator)
+    return r.log_density(y[:, cutoff:]).mean(1), r
+
+
+def prior_protocol(
+    n: int = 300,
+    cutoffs: Sequence[int] = (10, 20, 40, 80),
+    seed: int = 0,
+    prior: CurvePrior | None = None,
+    settings: MCMCSettings | None = None,
+) -> list[dict[str, float]]:
+    """The paper's prior protocol with the reference: n curves drawn with ``seed``, one row per
+    cutoff with the mean log-likelihood, its standard error over curves, the diagnostics
+    summary and the wall time. Sampler seed: ``seed + cutoff``."""
+    prior = prior if prior is not None else CurvePrior()
+    b = prior.sample(n, torch.Generator().manual_seed(seed))
+    rows = []
+    for c in cutoffs:
+        g = torch.Generator().manual_seed(seed + c)
+        ll, r = reference_log_likelihood(b.y, c, prior, settings, g)
+        rows.append({"cutoff": float(c), "log_likelihood": float(ll.mean()),
+                     "stderr": float(ll.std() / math.sqrt(max(n, 1))), **r.summary()})
+    return rows

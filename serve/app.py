@@ -15,28 +15,28 @@ a 500 with the traceback in the log.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import io
 import json
 import logging
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pfn import early_stop as es
 from pfn.errors import CurvecastError, CurveError
 from pfn.predictor import Curve
-from pfn.summary import SummarySpec, check_bounds, key
+from pfn.summary import SummarySpec, check_bounds
 from serve import protocol as P
 from serve.batching import BatchStats, MicroBatcher
 from serve.metrics import CONTENT_TYPE, Metrics
@@ -62,12 +62,6 @@ class NotFound(CurvecastError):
     status_code = 404
 
 
-class Unavailable(CurvecastError):
-    """A route whose implementation is not installed (e.g. early stopping)."""
-
-    status_code = 501
-
-
 def _error(status: int, type_: str, message: str, field: str | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"type": type_, "message": message, "field": field}},
@@ -88,6 +82,10 @@ def _loc(loc: tuple[Any, ...]) -> str:
 
 def _errors_body(errors: list[dict[str, Any]]) -> tuple[str, str]:
     msgs = []
+    if errors and errors[0].get("type") == "json_invalid":
+        e = errors[0]
+        return (f"body is not valid JSON: {e.get('ctx', {}).get('error', 'decode error')} at "
+                f"position {e['loc'][-1]}; send a JSON object", "body")
     for e in errors[:5]:
         where = _loc(tuple(e.get("loc", ())))
         got = repr(e.get("input"))
@@ -107,7 +105,7 @@ class Guard:
                  batcher: MicroBatcher) -> None:
         self.app = app
         self.key = settings.api_key.get_secret_value().encode() if settings.api_key else None
-        self.retry_after = str(settings.retry_after_s)
+        self.max_body = settings.max_body_bytes
         self.metrics = metrics
         self.batcher = batcher
 
@@ -122,6 +120,10 @@ class Guard:
                 return True
         return False
 
+    def _too_large(self) -> JSONResponse:
+        return _error(413, "BodyTooLarge", f"request body exceeds this server's limit of "
+                      f"{self.max_body} bytes; split the request")
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -130,12 +132,30 @@ class Guard:
         t0 = loop.time()
         status = 500
         path = scope["path"]
+        refused = False  # a 413 went out while the app was reading the body
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
             await send(message)
+
+        async def app_send(message: Message) -> None:
+            if not refused:
+                await send_wrapper(message)
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request" and not refused:
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    refused = True
+                    await self._too_large()(scope, receive, send_wrapper)
+                    return {"type": "http.disconnect"}  # the app stops reading
+            return message
 
         arriving = path in BATCHED_PATHS
         if arriving:
@@ -148,7 +168,11 @@ class Guard:
                               headers={"WWW-Authenticate": "Bearer"})
                 await resp(scope, receive, send_wrapper)
                 return
-            await self.app(scope, receive, send_wrapper)
+            length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+            if length is not None and length.isdigit() and int(length) > self.max_body:
+                await self._too_large()(scope, receive, send_wrapper)
+                return
+            await self.app(scope, limited_receive, app_send)
         finally:
             if scope.pop(ARRIVING, False):
                 self.batcher.arriving -= 1
@@ -164,7 +188,7 @@ def arrived(request: Request) -> None:
         request.app.state.batcher.arriving -= 1
 
 
-def to_curves(curves: list[P.CurveIn], quantiles: list[float]
+def to_curves(curves: Sequence[P.CurveBase], quantiles: list[float]
               ) -> tuple[list[Curve], list[SummarySpec]]:
     out, specs = [], []
     for i, c in enumerate(curves):
@@ -176,11 +200,12 @@ def to_curves(curves: list[P.CurveIn], quantiles: list[float]
             direction=c.direction,
             bounds=check_bounds(list(c.bounds), i) if c.bounds is not None else None,
         ))
-        specs.append(SummarySpec(
-            quantiles=tuple(c.quantiles if c.quantiles is not None else quantiles),
-            thresholds=tuple(c.thresholds or ()),
-            density_at=tuple(c.density_at or ()),
-        ))
+        if isinstance(c, P.CurveIn):
+            specs.append(SummarySpec(
+                quantiles=tuple(c.quantiles if c.quantiles is not None else quantiles),
+                thresholds=tuple(c.thresholds or ()),
+                density_at=tuple(c.density_at or ()),
+            ))
     return out, specs
 
 
@@ -190,6 +215,7 @@ def _json(obj: Any, status: int = 200) -> Response:
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": P.ErrorResponse, "description": "unparseable body (not UTF-8 JSON)"},
     401: {"model": P.ErrorResponse, "description": "missing or wrong API key"},
     413: {"model": P.ErrorResponse, "description": "request body too large"},
     422: {"model": P.ErrorResponse, "description": "invalid input; names the field and the fix"},
@@ -251,7 +277,6 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         summary="Bayesian learning-curve extrapolation with a PFN: posterior predictive "
         "distributions and early-stopping decisions for partial training curves.",
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
     )
     app.state.settings = settings
     app.state.service = service
@@ -280,10 +305,10 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         message = str(e.detail)
-        if e.status_code == 413:
-            message = (f"request body exceeds this server's limit of {settings.max_body_bytes} "
-                       "bytes; split the request")
-        return _error(e.status_code, "HTTPError", message, headers=e.headers)
+        if e.status_code == 400 and "parsing the body" in message:
+            message = "the body could not be parsed; send UTF-8 encoded JSON"
+        return _error(e.status_code, "HTTPError", message,
+                      headers=dict(e.headers) if e.headers else None)
 
     @app.exception_handler(Exception)
     async def on_bug(request: Request, e: Exception) -> JSONResponse:
@@ -299,13 +324,16 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     # --- v1 -----------------------------------------------------------------------------------
 
     @app.post("/v1/predict", response_model=P.PredictResponse,
-              responses=_errs(401, 413, 422, 500, 503), tags=["v1"])
+              responses=_errs(400, 401, 413, 422, 500, 503), tags=["v1"])
     async def predict(req: P.PredictRequest, request: Request) -> Response:
         """Posterior summaries per curve and query epoch (the schema of `curvecast predict`).
 
         Concurrent requests are coalesced into one forward pass (dynamic micro-batching)."""
         arrived(request)
         require_ready()
+        # shed load before any per-request work when the queue is full
+        batcher.check_room(sum(1 if c.query_epochs is None else len(c.query_epochs)
+                               for c in req.curves))
         curves, specs = to_curves(req.curves, req.quantiles)
         job = service.make_job(curves, specs)
         result = await batcher.submit("predict", job, job.rows)
@@ -319,7 +347,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
 
     @app.post("/v1/plot", responses={200: {"content": {"image/png": {}},
                                            "description": "fan chart PNG"},
-                                     **_errs(401, 413, 422, 500, 503)}, tags=["v1"],
+                                     **_errs(400, 401, 413, 422, 500, 503)}, tags=["v1"],
               response_class=Response)
     async def plot(req: P.PredictRequest) -> Response:
         """A fan chart (observed points, median, 50% and 90% bands), one panel per curve.
@@ -330,47 +358,39 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             raise CurveError(None, "curves", f"{len(req.curves)} curves exceed the plot limit "
                              f"of {settings.max_plot_curves}", "plot fewer curves per request")
         curves, _ = to_curves(req.curves, req.quantiles)
+        rows = 0
         for c in curves:
             if c.query_epochs is None:
-                last = float(c.epochs[-1])  # type: ignore[index]
+                last = float(np.asarray(c.epochs, dtype=np.float64)[-1])
                 c.query_epochs = (np.linspace(last, c.horizon, 60)[1:] if last < c.horizon
                                   else np.array([c.horizon]))
+            rows += len(c.query_epochs)
         service.check_limits(curves)
         assert service.predictor is not None
         pred = service.predictor
-        posts = await batcher.call(lambda: pred.predict(curves), sum(
-            len(c.query_epochs) for c in curves))  # type: ignore[arg-type]
+        posts = await batcher.call(lambda: pred.predict(curves), rows)
         png = await asyncio.get_running_loop().run_in_executor(
             plot_executor, _render_png, curves, posts)
         return Response(png, media_type="image/png")
 
     @app.post("/v1/early-stop", response_model=P.EarlyStopResponse,
-              responses=_errs(401, 413, 422, 500, 503) | {
-                  501: {"model": P.ErrorResponse, "description": "pfn.early_stop missing"}},
-              tags=["v1"])
-    async def early_stop(req: P.EarlyStopRequest) -> Response:
-        """Stop/continue decisions: is this run still likely to beat the incumbent?"""
+              responses=_errs(400, 401, 413, 422, 500, 503), tags=["v1"])
+    async def early_stop(req: P.EarlyStopRequest, request: Request) -> Response:
+        """Stop/continue decisions: is each trial still likely to beat its incumbent?
+        (pfn.early_stop.decide; one forward pass for the whole batch.)"""
         require_ready()
-        try:
-            from pfn import early_stop as es
-        except ImportError as e:
-            raise Unavailable(f"early stopping is not installed in this build ({e})") from e
-        if len(req.incumbents) != len(req.curves):
-            raise CurveError(None, "incumbents", f"has {len(req.incumbents)} entries for "
-                             f"{len(req.curves)} curves", "send one incumbent per curve "
-                             "(null when there is none yet)")
-        curves, _ = to_curves(req.curves, req.quantiles)
+        curves, _ = to_curves(req.curves, [])
         service.check_limits(curves)
-        rule = es.StopRule(kind=req.rule.kind, delta=req.rule.delta,
-                           min_epochs=req.rule.min_epochs)
+        rule = es.rule_from_dict(req.rule.model_dump(exclude_none=True))
         assert service.predictor is not None
         pred = service.predictor
-        incumbents = [math.nan if v is None else v for v in req.incumbents]
+        incumbents = list(req.incumbents)
         quantiles = list(req.quantiles)
+        size = sum(es.MAX_CHECKED_EPOCHS if c.query_epochs is None else len(c.query_epochs) + 1
+                   for c in curves)
         decisions = await batcher.call(
-            lambda: es.decide(pred, curves, incumbents, rule=rule, quantiles=quantiles),
-            len(curves))
-        return _json({"decisions": [_decision(d, quantiles) for d in decisions],
+            lambda: es.decide(pred, curves, incumbents, rule=rule, quantiles=quantiles), size)
+        return _json({"decisions": [es.decision_to_dict(d) for d in decisions],
                       "model": service.model_ref()})
 
     # --- operations ---------------------------------------------------------------------------
@@ -401,6 +421,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
 
     # --- Open Inference Protocol v2 -----------------------------------------------------------
 
+    name_path = Path(description="the served model's name", examples=[settings.model_name])
+
     def model_or_404(name: str) -> None:
         if name != service.name:
             raise NotFound(f"model {name!r} is not served here; this server serves "
@@ -423,7 +445,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     @app.get("/v2/models/{model_name}", response_model=P.ModelMetadata,
              responses=_errs(401) | {404: ERRORS[422] | {"description": "unknown model"}},
              tags=["v2"])
-    async def v2_model(model_name: str) -> Response:
+    async def v2_model(model_name: str = name_path) -> Response:
         model_or_404(model_name)
         assert service.predictor is not None
         n = service.predictor.model.cfg.n_buckets
@@ -441,15 +463,15 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     @app.get("/v2/models/{model_name}/ready", response_model=P.Ready,
              responses=_errs(401) | {404: ERRORS[422] | {"description": "unknown model"},
                                      503: {"model": P.Ready}}, tags=["v2"])
-    async def v2_model_ready(model_name: str) -> Response:
+    async def v2_model_ready(model_name: str = name_path) -> Response:
         model_or_404(model_name)
         ok = service.ready.is_set()
         return _json({"ready": ok}, 200 if ok else 503)
 
     @app.post("/v2/models/{model_name}/infer", response_model=P.InferResponse,
-              responses=_errs(401, 413, 422, 500, 503) | {
+              responses=_errs(400, 401, 413, 422, 500, 503) | {
                   404: ERRORS[422] | {"description": "unknown model"}}, tags=["v2"])
-    async def v2_infer(model_name: str, req: P.InferRequest) -> Response:
+    async def v2_infer(req: P.InferRequest, model_name: str = name_path) -> Response:
         """Raw model tensors in, bar-distribution logits (B, Q, n_buckets) out.
 
         Inputs: t_ctx, y_ctx (B, K) FP32 progress/normalised values, ctx_mask (B, K) BOOL,
@@ -483,25 +505,6 @@ def _render_png(curves: list[Curve], posts: list[Any]) -> bytes:
     return buf.getvalue()
 
 
-def _decision(d: Any, quantiles: list[float]) -> dict[str, Any]:
-    """A pfn.early_stop.Decision as JSON (final_quantiles keyed like /v1/predict)."""
-    raw = dataclasses.asdict(d) if dataclasses.is_dataclass(d) else dict(d)
-    fq = raw.get("final_quantiles", {})
-    if isinstance(fq, dict):
-        fq = {key(float(k)): float(v) for k, v in fq.items()}
-    else:
-        fq = {key(q): float(v) for q, v in zip(quantiles, np.asarray(fq).ravel(), strict=True)}
-    return {
-        "stop": bool(raw["stop"]),
-        "prob_improve": float(raw["prob_improve"]),
-        "prob_improve_final": float(raw["prob_improve_final"]),
-        "final_mean": float(raw["final_mean"]),
-        "final_quantiles": fq,
-        "expected_remaining_epochs": float(raw["expected_remaining_epochs"]),
-        "reason": str(raw["reason"]),
-    }
-
-
 def _infer_inputs(req: P.InferRequest, s: ServeSettings
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Validate the four OIP v2 input tensors; (t_ctx, y_ctx, ctx_mask, t_qry) arrays."""
@@ -512,10 +515,11 @@ def _infer_inputs(req: P.InferRequest, s: ServeSettings
         by_name[t.name] = t
     out = []
     for name in ("t_ctx", "y_ctx", "ctx_mask", "t_qry"):
-        t = by_name.get(name)
-        if t is None:
+        found = by_name.get(name)
+        if found is None:
             raise CurveError(None, f"inputs.{name}", "is missing",
                              "send t_ctx, y_ctx, ctx_mask and t_qry")
+        t = found
         want = "BOOL" if name == "ctx_mask" else "FP32"
         if t.datatype != want:
             raise CurveError(None, f"inputs.{name}.datatype", f"must be {want}, got "

@@ -101,7 +101,9 @@ class MicroBatcher:
 
     # --- submitting -------------------------------------------------------------------------
 
-    async def submit(self, kind: str, payload: Any, size: int) -> Any:
+    def check_room(self, size: int) -> None:
+        """Raise QueueFull/ShuttingDown now if a job of this size would be refused (lets a
+        route shed load before doing any per-request work)."""
         if self._closing or self._task is None:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         if self.queued + size > self.max_queue_size:
@@ -110,6 +112,9 @@ class MicroBatcher:
                 f"queue: {self.queued} query rows are waiting and {size} more would exceed "
                 f"the limit of {self.max_queue_size}; retry after the Retry-After delay"
             )
+
+    async def submit(self, kind: str, payload: Any, size: int) -> Any:
+        self.check_room(size)
         job = Job(kind, payload, size, asyncio.get_running_loop().create_future())
         self.queue.append(job)
         self.queued += size

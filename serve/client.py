@@ -25,6 +25,7 @@ side-effect free on the server, so retrying is safe. 4xx answers raise ``RemoteC
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import time
@@ -164,13 +165,16 @@ class RemoteDecision:
     final_quantiles: dict[float, float]
     expected_remaining_epochs: float
     reason: str
+    expected_improvement: float = math.nan  # NaN when there is no incumbent
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> RemoteDecision:
+        ei = d.get("expected_improvement")
         return cls(bool(d["stop"]), float(d["prob_improve"]), float(d["prob_improve_final"]),
                    float(d["final_mean"]),
                    {float(k): float(v) for k, v in d["final_quantiles"].items()},
-                   float(d["expected_remaining_epochs"]), str(d["reason"]))
+                   float(d["expected_remaining_epochs"]), str(d["reason"]),
+                   math.nan if ei is None else float(ei))
 
 
 def _per_curve(x: Any, n: int, name: str) -> list[list[float] | None]:
@@ -229,9 +233,10 @@ class _Base:
             "incumbents": [None if v is None or (isinstance(v, float) and math.isnan(v))
                            else float(v) for v in incumbents],
         }
-        if rule is not None:
+        if rule is not None:  # a mapping, or a pfn.early_stop.StopRule
             body["rule"] = dict(rule) if isinstance(rule, Mapping) else {
-                "kind": rule.kind, "delta": float(rule.delta), "min_epochs": int(rule.min_epochs)}
+                k: getattr(rule, k) for k in ("kind", "delta", "min_epochs", "min_gain_per_epoch")
+                if getattr(rule, k, None) is not None}
         if quantiles is not None:
             body["quantiles"] = [float(q) for q in quantiles]
         return body
@@ -241,10 +246,8 @@ class _Base:
     def _delay(self, attempt: int, response: httpx.Response | None) -> float:
         d = min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
         if response is not None and response.status_code == 503:
-            try:
+            with contextlib.suppress(ValueError):  # an HTTP-date Retry-After: ignore it
                 d = max(d, min(float(response.headers.get("Retry-After", 0)), self.max_backoff))
-            except ValueError:
-                pass
         return d
 
     @staticmethod

@@ -12,6 +12,8 @@ server re-checks every loaded file against eager torch (``serve.runtime.check_pa
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import tempfile
@@ -62,8 +64,12 @@ def export_onnx(model: PFN, path: str | Path) -> Path:
               "t_qry": {0: b, 1: q}}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".onnx")
     os.close(fd)
+    quiet = logging.getLogger("torch.onnx")  # "torchvision is not installed" and the like
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), torch.inference_mode(False):
+        with warnings.catch_warnings(), torch.inference_mode(False), \
+                contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
             warnings.simplefilter("ignore")  # exporter chatter (axis renames, deprecations)
             program = torch.onnx.export(
                 graph, ex, dynamo=True, dynamic_shapes=shapes, input_names=list(INPUT_NAMES),
@@ -75,6 +81,8 @@ def export_onnx(model: PFN, path: str | Path) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        quiet.setLevel(level)
     return path
 
 

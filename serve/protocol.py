@@ -38,8 +38,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class CurveIn(_Strict):
-    """One partial learning curve and what to report about it."""
+class CurveBase(_Strict):
+    """One partial learning curve."""
 
     epochs: list[Epoch] = Field(min_length=1, max_length=HARD_MAX_POINTS,
                                 description="observed epochs: positive, strictly increasing, "
@@ -48,16 +48,23 @@ class CurveIn(_Strict):
                                 description="one value per epoch (null: missing)")
     horizon: Annotated[float, Field(allow_inf_nan=False, gt=0, le=1e9)] = Field(
         description="the run's final epoch (its budget)")
-    query_epochs: list[Epoch] | None = Field(None, min_length=1, max_length=HARD_MAX_QUERY,
+    query_epochs: list[Epoch] | None = Field(default=None, min_length=1,
+                                             max_length=HARD_MAX_QUERY,
                                              description="epochs to predict; default [horizon]")
-    direction: Literal["max", "min"] = Field("max", description="max: accuracy; min: loss")
+    direction: Literal["max", "min"] = Field(default="max",
+                                             description="max: accuracy; min: loss")
     bounds: tuple[Number | None, Number | None] | None = Field(
-        None, description="[lo, hi] range of the metric; null sides are estimated")
-    quantiles: list[Quantile] | None = Field(None, max_length=99,
+        default=None, description="[lo, hi] range of the metric; null sides are estimated")
+
+
+class CurveIn(CurveBase):
+    """One partial learning curve and what to report about it."""
+
+    quantiles: list[Quantile] | None = Field(default=None, max_length=99,
                                              description="replace the request's quantiles")
-    thresholds: list[Number] | None = Field(None, max_length=64,
+    thresholds: list[Number] | None = Field(default=None, max_length=64,
                                             description="report P(value > t) for each t")
-    density_at: list[Number] | None = Field(None, max_length=64,
+    density_at: list[Number] | None = Field(default=None, max_length=64,
                                             description="report CDF and log-density at each v")
 
 
@@ -95,20 +102,25 @@ class PredictResponse(BaseModel):
 
 
 class StopRuleIn(_Strict):
-    kind: Literal["all_epochs", "final_epoch"] = Field(
-        "all_epochs", description="stop when no remaining epoch / the final epoch is likely to "
-        "beat the incumbent")
-    delta: Annotated[float, Field(allow_inf_nan=False, ge=0, le=1)] = Field(
-        0.05, description="stop when P(improve) < delta")
-    min_epochs: int = Field(2, ge=1, le=1_000_000, description="never stop before this many")
+    """See pfn.early_stop: stop when P(improve) <= delta at every remaining epoch
+    ("all_epochs"), at the horizon ("final_epoch"), or when the expected final improvement per
+    remaining epoch is <= min_gain_per_epoch ("expected_improvement")."""
+
+    kind: Literal["all_epochs", "final_epoch", "expected_improvement"] = "all_epochs"
+    delta: Annotated[float, Field(allow_inf_nan=False, ge=0, lt=1)] = Field(
+        default=0.05, description="stop when P(improve) <= delta")
+    min_epochs: int = Field(default=2, ge=1, le=1_000_000,
+                            description="never stop before this many")
+    min_gain_per_epoch: Annotated[float, Field(allow_inf_nan=False, ge=0, le=MAX_ABS)] | None \
+        = Field(default=None, description="expected_improvement only: metric units per epoch")
 
 
 class EarlyStopRequest(_Strict):
-    curves: list[CurveIn] = Field(min_length=1, max_length=HARD_MAX_CURVES)
+    curves: list[CurveBase] = Field(min_length=1, max_length=HARD_MAX_CURVES)
     incumbents: list[Number | None] = Field(
         min_length=1, max_length=HARD_MAX_CURVES,
-        description="best final value seen so far, one per curve (null: none yet)")
-    rule: StopRuleIn = Field(default_factory=StopRuleIn)
+        description="best value seen so far in the study, one per curve (null: none yet)")
+    rule: StopRuleIn = Field(default_factory=lambda: StopRuleIn())
     quantiles: list[Quantile] = Field(default_factory=lambda: [0.05, 0.5, 0.95], max_length=99)
 
 
@@ -119,6 +131,7 @@ class DecisionOut(BaseModel):
     final_mean: float
     final_quantiles: dict[str, float]
     expected_remaining_epochs: float
+    expected_improvement: float | None
     reason: str
 
 
@@ -150,7 +163,8 @@ class Health(BaseModel):
 class ErrorDetail(BaseModel):
     type: str = Field(description="error class, e.g. CurveError, ValidationError, QueueFull")
     message: str = Field(description="what is wrong and how to fix it")
-    field: str | None = Field(None, description="the offending field, e.g. curves[3].epochs")
+    field: str | None = Field(default=None,
+                              description="the offending field, e.g. curves[3].epochs")
 
 
 class ErrorResponse(BaseModel):
@@ -174,9 +188,9 @@ class InferOutputRequest(_Strict):
 
 
 class InferRequest(_Strict):
-    id: str | None = Field(None, max_length=256)
+    id: str | None = Field(default=None, max_length=256)
     inputs: list[InferInput] = Field(min_length=4, max_length=4)
-    outputs: list[InferOutputRequest] | None = Field(None, max_length=1)
+    outputs: list[InferOutputRequest] | None = Field(default=None, max_length=1)
     parameters: dict[str, Any] | None = None
 
 

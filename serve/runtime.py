@@ -68,7 +68,8 @@ class OnnxRuntime:
     def run_numpy(self, t_ctx: np.ndarray, y_ctx: np.ndarray, ctx_mask: np.ndarray,
                   t_qry: np.ndarray) -> np.ndarray:
         feeds = dict(zip(INPUT_NAMES, (t_ctx, y_ctx, ctx_mask, t_qry), strict=True))
-        return self.session.run(None, feeds)[0]  # type: ignore[no-any-return]
+        out: np.ndarray = self.session.run(None, feeds)[0]
+        return out
 
     def __call__(self, t_ctx: Tensor, y_ctx: Tensor, ctx_mask: Tensor, t_qry: Tensor) -> Tensor:
         out = self.run_numpy(t_ctx.numpy(), y_ctx.numpy(), ctx_mask.numpy(), t_qry.numpy())

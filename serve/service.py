@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pfn.bar import BarDistribution
 from pfn.errors import CurveError
 from pfn.io import load_model, resolve_model_dir
 from pfn.predictor import Curve, Predictor, Prepared
@@ -70,6 +71,28 @@ def merge_prepared(ps: Sequence[Prepared]) -> Prepared:
     )
 
 
+class FrozenBar(BarDistribution):
+    """``BarDistribution`` with its border-derived constants (tail scales, bucket means and
+    second moments) computed once: the maths stays in ``pfn.bar``, but a small batch's
+    summaries no longer rebuild them on every call (about half their cost). Inference only."""
+
+    def __init__(self, borders: torch.Tensor) -> None:
+        super().__init__(borders)
+        with torch.no_grad():
+            self._scales_c = super()._scales()
+            self._means_c = super().bucket_means()
+            self._m2_c = super().bucket_second_moments()
+
+    def _scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._scales_c
+
+    def bucket_means(self) -> torch.Tensor:
+        return self._means_c
+
+    def bucket_second_moments(self) -> torch.Tensor:
+        return self._m2_c
+
+
 class ModelService:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
@@ -88,6 +111,7 @@ class ModelService:
         self.model_dir = resolve_model_dir(self.settings.model)
         model, cfg = load_model(self.model_dir)
         self.predictor = Predictor(model, cfg)
+        self.predictor.bar = FrozenBar(model.bar.borders)
         log.info("loaded model %s (sha256 %s) from %s", self.settings.model_name,
                  self.predictor.sha256, self.model_dir)
 
@@ -154,7 +178,8 @@ class ModelService:
 
     def model_card(self) -> dict[str, Any]:
         assert self.predictor is not None
-        rt = self.runtime.describe() if self.runtime is not None else {"name": "loading"}
+        rt: dict[str, Any] = (self.runtime.describe() if self.runtime is not None
+                              else {"name": "loading"})
         if self.parity is not None:
             rt["parity_max_abs_logit_diff"] = self.parity
         return {"name": self.name, "sha256": self.predictor.sha256,

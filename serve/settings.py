@@ -31,42 +31,55 @@ class ServeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
-    host: str = Field("127.0.0.1", min_length=1, description="bind address (0.0.0.0: all)")
-    port: int = Field(8000, ge=1, le=65535, description="TCP port")
-    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes")
-    model: str = Field("default", min_length=1, description="shipped model name or directory")
-    model_name: str = Field("curvecast", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+    host: str = Field(default="127.0.0.1", min_length=1,
+                      description="bind address (0.0.0.0: all interfaces)")
+    port: int = Field(default=8000, ge=1, le=65535, description="TCP port")
+    workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes")
+    model: str = Field(default="default", min_length=1,
+                       description="shipped model name or model directory")
+    model_name: str = Field(default="curvecast", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
                             description="name the model is served under (/v2/models/{name})")
-    runtime: RuntimeKind = Field("auto", description="auto: onnx on CPU, torch-triton on CUDA")
-    quantize: bool = Field(False, description="onnx: int8 dynamic quantisation (see docs)")
-    threads: int = Field(0, ge=0, le=256, description="intra-op threads; 0 = min(cores, 4)")
-    spin: bool = Field(False, description="onnxruntime thread spinning (off: CPU is shared)")
-    cache_dir: Path | None = Field(None, description="ONNX cache when the model dir is "
-                                   "read-only; default $XDG_CACHE_HOME/curvecast")
-    batching: bool = Field(True, description="coalesce concurrent requests into one pass")
-    max_batch_size: int = Field(256, ge=1, le=1_000_000,
+    runtime: RuntimeKind = Field(default="auto",
+                                 description="auto: onnx on CPU, torch-triton on CUDA")
+    quantize: bool = Field(default=False, description="onnx: int8 dynamic quantisation")
+    threads: int = Field(default=0, ge=0, le=256,
+                         description="intra-op threads; 0 = min(cores, 4)")
+    spin: bool = Field(default=False,
+                       description="onnxruntime thread spinning (off: the CPU is shared)")
+    cache_dir: Path | None = Field(default=None,
+                                   description="ONNX cache when the model dir is read-only; "
+                                   "default $XDG_CACHE_HOME/curvecast")
+    batching: bool = Field(default=True,
+                           description="coalesce concurrent requests into one forward pass")
+    max_batch_size: int = Field(default=256, ge=1, le=1_000_000,
                                 description="most query rows (curves x query epochs) that "
                                 "concurrent requests are coalesced into")
-    max_wait_us: int = Field(1000, ge=0, le=10_000_000,
+    max_wait_us: int = Field(default=1000, ge=0, le=10_000_000,
                              description="longest a request waits for others to join it (µs)")
-    max_queue_size: int = Field(16_384, ge=1, le=10_000_000,
+    max_queue_size: int = Field(default=16_384, ge=1, le=10_000_000,
                                 description="query rows waiting beyond this: 503 + Retry-After")
-    max_curves_per_request: int = Field(1024, ge=1, le=HARD_MAX_CURVES)
-    max_points_per_curve: int = Field(10_000, ge=1, le=HARD_MAX_POINTS)
-    max_query_epochs: int = Field(1000, ge=1, le=HARD_MAX_QUERY,
+    max_curves_per_request: int = Field(default=1024, ge=1, le=HARD_MAX_CURVES)
+    max_points_per_curve: int = Field(default=10_000, ge=1, le=HARD_MAX_POINTS)
+    max_query_epochs: int = Field(default=1000, ge=1, le=HARD_MAX_QUERY,
                                   description="most query epochs per curve")
-    max_rows_per_request: int = Field(16_384, ge=1, le=1_000_000,
+    max_rows_per_request: int = Field(default=16_384, ge=1, le=1_000_000,
                                       description="most query rows (curves x query epochs) per "
                                       "request; bounds the memory of one request")
-    max_body_bytes: int = Field(16 * 2**20, ge=1024, le=2**30, description="request body cap")
-    max_plot_curves: int = Field(16, ge=1, le=256, description="most curves in one fan chart")
-    api_key: SecretStr | None = Field(None, description="require this key (Bearer/X-API-Key)")
-    graceful_timeout_s: float = Field(25.0, gt=0, le=3600,
+    max_body_bytes: int = Field(default=16 * 2**20, ge=1024, le=2**30,
+                                description="request body cap (bytes)")
+    max_plot_curves: int = Field(default=16, ge=1, le=256,
+                                 description="most curves in one fan chart")
+    api_key: SecretStr | None = Field(default=None,
+                                      description="require this key (Bearer or X-API-Key)")
+    graceful_timeout_s: float = Field(default=25.0, gt=0, le=3600,
                                       description="SIGTERM: time to finish in-flight requests")
-    retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of 503 answers")
+    retry_after_s: int = Field(default=1, ge=1, le=3600,
+                               description="Retry-After of 503 answers (s)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
-    access_log: bool = Field(False, description="uvicorn access log (costs throughput)")
-    warmup: bool = Field(True, description="run warm-up batches before reporting ready")
+    access_log: bool = Field(default=False,
+                             description="uvicorn access log (costs throughput)")
+    warmup: bool = Field(default=True,
+                         description="run warm-up batches before reporting ready")
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeSettings:

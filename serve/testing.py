@@ -39,8 +39,9 @@ class LocalServer:
         self.ready_timeout = ready_timeout
         self.api_key = api_key or self.env.get("CURVECAST_API_KEY")
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix="curvecast-server-", suffix=".log",
-                                                delete=False)
+        fd, name = tempfile.mkstemp(prefix="curvecast-server-", suffix=".log")
+        self._log = os.fdopen(fd, "wb")
+        self._log_name = name
 
     @property
     def url(self) -> str:
@@ -48,7 +49,7 @@ class LocalServer:
 
     @property
     def log_path(self) -> Path:
-        return Path(self._log.name)
+        return Path(self._log_name)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -85,6 +86,13 @@ class LocalServer:
                 self.proc.kill()
                 self.proc.wait()
         return int(self.proc.returncode)
+
+    def close(self) -> int:
+        """Stop, then delete the log file; returns the exit status."""
+        code = self.stop()
+        self._log.close()
+        self.log_path.unlink(missing_ok=True)
+        return code
 
     def pid(self) -> int:
         assert self.proc is not None

@@ -28,8 +28,9 @@ Each decision is stored in the trial's user attributes (overwritten at every che
 ``curvecast_stop`` and ``curvecast_reason``, so pruned trials keep their predicted final value.
 
 Backends: see ``pfn.hpo`` (in-process Predictor by default, or the HTTP client). When the backend
-fails with anything other than a user error (``CurvecastError``), the pruner logs a warning and
-lets the trial run (``fail_open=True``) rather than failing the study.
+fails with anything but a user error (a ``ValueError``: ``CurvecastError`` in-process, the
+client's error for a 4xx answer), e.g. the server is unreachable, the pruner logs a warning
+and lets the trial run (``fail_open=True``) rather than failing the study.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class CurvecastPruner(BasePruner):
         )
         try:
             d = self.decider([curve], [inc])[0]
-        except CurvecastError:
+        except ValueError:  # a user error (CurvecastError, or the client's 4xx): report it
             raise
         except Exception as e:  # a transport or server failure must not kill the study
             if not self.fail_open:

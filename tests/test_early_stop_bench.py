@@ -1,0 +1,156 @@
+"""The replay benchmark (bench/early_stopping.py): protocol invariants, the threshold shortcut
+against decide(), and its JSON on a small file in real_curves.npz's format."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pfn import Curve, Predictor
+from pfn.early_stop import MAX_CHECKED_EPOCHS, StopRule, decide
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "early_stopping.py"
+
+
+@pytest.fixture(scope="module")
+def es():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("bench_early_stopping", BENCH)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def pred() -> Iterator[Predictor]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Predictor.load()
+    torch.set_num_threads(n)
+
+
+def synthetic(n: int = 30, T: int = 10, seed: int = 0, minimise: bool = False,
+              ragged: bool = True) -> dict[str, np.ndarray]:
+    """Arrays in real_curves.npz's format: saturating curves, some crashing early."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(1, T + 1, dtype=np.float64)
+    top = rng.uniform(0.1, 0.9, n)
+    y = top[:, None] * (1 - np.exp(-t[None] / rng.uniform(1, 4, n)[:, None]))
+    y = np.clip(y + 0.01 * rng.standard_normal((n, T)), 0, 1)
+    lengths = np.where(rng.random(n) < 0.2, rng.integers(1, T, n), T) if ragged \
+        else np.full(n, T)
+    y[np.arange(T)[None] >= lengths[:, None]] = np.nan
+    raw = 2.3 * (1 - y) if minimise else y
+    return {"y": y.astype(np.float32), "y_raw": raw.astype(np.float32),
+            "x": np.tile(t, (n, 1)).astype(np.float32), "lengths": lengths.astype(np.int32),
+            "source": np.array(["syn"] * n), "task": np.array([f"task{seed}"] * n),
+            "metric": np.array(["loss" if minimise else "acc"] * n),
+            "metric_direction": np.array(["min" if minimise else "max"] * n),
+            "x_unit": np.array(["epoch"] * n), "config": np.array(["{}"] * n),
+            "budget": np.full(n, T, np.int32), "complete": lengths == T,
+            "truncated_nonfinite": np.zeros(n, bool),
+            "norm_zero": np.full(n, 2.3 if minimise else 0.0, np.float32),
+            "norm_one": np.full(n, 0.0 if minimise else 1.0, np.float32)}
+
+
+def write(path: Path, *parts: dict[str, np.ndarray]) -> Path:
+    np.savez(path, **{k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    return path
+
+
+def test_replay_protocol_invariants(es, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    task = es.load_tasks(write(tmp_path / "c.npz", synthetic(n=40)))[0]
+    orders = np.stack([np.random.default_rng(i).permutation(task.n) for i in range(4)])
+
+    class StopAfter2(es.Policy):
+        name = "stop-after-2"
+
+        def decide(self, rs, task):  # type: ignore[no-untyped-def]
+            return [r.k >= 2 for r in rs]
+
+    res = {"none": es.run_policy(task, orders, es.Policy()),
+           "stop-after-2": es.run_policy(task, orders, StopAfter2()),
+           "patience-0": es.run_policy(task, orders, es.Patience(0))}
+    for name, reps in res.items():
+        for r, o in zip(reps, orders, strict=True):
+            trials = [i for i, _ in r.runs]
+            assert trials == list(o[: len(trials)])  # in order, none resumed or repeated
+            assert sum(k for _, k in r.runs) == r.spent == len(r.revealed) <= task.budget
+            assert all(1 <= k <= task.lengths[i] for i, k in r.runs)
+            if name == "stop-after-2":
+                assert all(k == min(2, task.lengths[i]) for i, k in r.runs)
+            if len(trials) < task.n:
+                assert r.spent == task.budget  # only the budget ends a replay early
+    assert all(r.spent == task.budget for r in res["none"])
+    # stopping early lets a policy try more trials within the same budget
+    assert np.mean([len(r.runs) for r in res["stop-after-2"]]) > \
+        np.mean([len(r.runs) for r in res["none"]])
+    reg = es.regret_curves(task, res["none"])
+    assert reg.shape == (4, task.budget) and (np.diff(reg, axis=1) <= 1e-12).all()
+    assert (reg >= 0).all()
+    rows = {r["policy"]: r for r in es.summarize(task, res)}
+    assert rows["none"]["speedup"] == 1.0
+    target = rows["none"]["regret"]
+    e_none = rows["none"]["epochs_to_target"]
+    for name, r in rows.items():
+        mean = es.regret_curves(task, res[name]).mean(0)
+        e = r["epochs_to_target"]
+        if e is None:
+            assert (mean > target).all() and r["speedup"] is None
+        else:  # the first epoch at which the policy's mean regret matches none's final one
+            assert mean[e - 1] <= target + 1e-12 and (e == 1 or mean[e - 2] > target)
+            assert r["speedup"] == pytest.approx(e_none / e)
+
+
+@pytest.mark.parametrize("minimise", [False, True])
+def test_threshold_shortcut_equals_decide(es, pred: Predictor, tmp_path: Path,
+                                          minimise: bool) -> None:  # type: ignore[no-untyped-def]
+    """The cached incumbent thresholds give exactly decide()'s all-epochs verdicts."""
+    f = write(tmp_path / "c.npz", synthetic(n=6, T=12, seed=3, minimise=minimise,
+                                            ragged=False))
+    task = es.load_tasks(f, values="raw", min_trials=1)[0]
+    deltas = (0.05, 0.3)
+    cache = es.ThresholdCache(pred, task, deltas, max_checked=MAX_CHECKED_EPOCHS)
+    pairs = [(i, k) for i in range(task.n) for k in (2, 5, 9)]
+    cache.compute(pairs)
+    sign = -1.0 if minimise else 1.0
+    for i, k in pairs:
+        c = Curve(task.x[i, :k], task.model_values[i, :k], float(task.horizon[i]),
+                  direction=task.direction, bounds=task.bounds)
+        thr = cache.get(i, k)
+        for j, delta in enumerate(deltas):
+            # incumbents just below and above the threshold, in the metric's units
+            incs = [sign * (thr[j] - 0.02), sign * (thr[j] + 0.02)]
+            ds = decide(pred, [c, c], incs, StopRule(delta=delta))
+            assert [d.stop for d in ds] == [False, True], (i, k, delta, thr[j])
+
+
+def test_json_rows_on_a_curve_file(es, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    f = write(tmp_path / "c.npz", synthetic(n=25, T=6, seed=1),
+              synthetic(n=22, T=6, seed=2, minimise=True))
+    out = tmp_path / "o.json"
+    es.main(["--curves", str(f), "--json", "--orderings", "2", "--deltas", "0.05,0.2",
+             "--out", str(out)])
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == json.loads(out.read_text())
+    policies = ["none", "curvecast-d0.05", "curvecast-d0.2"] + \
+        [f"patience-{k}" for k in es.PATIENCES] + ["optuna-median", "optuna-sha",
+                                                   "optuna-hyperband"]
+    got = [(r["task"], r["policy"]) for r in doc["rows"]]
+    assert got == [(t, p) for t in ("task1", "task2") for p in policies]
+    for r in doc["rows"]:
+        assert {"task", "policy", "n_trials", "speedup", "regret", "epochs_used"} <= set(r)
+        assert r["n_trials"] == (25 if r["task"] == "task1" else 22)
+        assert 0 <= r["regret"] <= 1 and 0 < r["epochs_used"] <= r["budget"]
+    inf = doc["inference"]
+    assert inf["decisions"] >= inf["model_evaluations"] > 0
+    assert inf["ms_single_decision_batch1"] > 0

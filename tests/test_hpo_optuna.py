@@ -1,0 +1,216 @@
+"""CurvecastPruner in real Optuna studies (in-memory storage, a cheap synthetic objective)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+optuna = pytest.importorskip("optuna")
+
+from pfn import Curve, CurvecastError, Predictor  # noqa: E402
+from pfn.early_stop import StopRule, curve_to_dict, decide, early_stop_json, rule_to_dict  # noqa: E402
+from pfn.hpo.optuna import CurvecastPruner  # noqa: E402
+
+HORIZON = 12
+# final accuracy of each trial, in trial order: two good ones, then clearly bad ones
+TOPS = [0.9, 0.95, 0.05, 0.08, 0.06]
+BAD = (2, 3, 4)
+# With the real model the assertions must hold for any sensible model (the default one is still
+# training): a loose delta prunes trials far below the incumbent whatever the model's spread.
+RULE = StopRule(delta=0.9)
+
+
+@pytest.fixture(scope="module")
+def pred() -> Iterator[Predictor]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Predictor.load()
+    torch.set_num_threads(n)
+
+
+def acc_curve(number: int) -> np.ndarray:
+    rng = np.random.default_rng(number)
+    t = np.arange(1, HORIZON + 1)
+    return TOPS[number] * (1 - np.exp(-t / 2)) + 0.003 * rng.standard_normal(HORIZON)
+
+
+def make_objective(minimise: bool) -> Any:
+    def objective(trial: Any) -> float:
+        trial.suggest_float("x", 0.0, 1.0)
+        y = acc_curve(trial.number)
+        v = 0.0
+        for step in range(HORIZON):
+            v = float(1.0 - y[step] if minimise else y[step])
+            trial.report(v, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return v
+    return objective
+
+
+def run(direction: str, backend: Any, **kw: Any) -> Any:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruner = CurvecastPruner(HORIZON, backend, rule=RULE, bounds=(0, 1), **kw)
+    study = optuna.create_study(direction=direction, pruner=pruner,
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(make_objective(direction == "minimize"), n_trials=len(TOPS))
+    return study
+
+
+def test_prunes_bad_trials_and_records_predictions(pred: Predictor) -> None:
+    study = run("maximize", pred)
+    TS = optuna.trial.TrialState
+    assert study.trials[0].state == TS.COMPLETE  # nothing to compare with: never pruned
+    n_checked = 0
+    for i, t in enumerate(study.trials):
+        if i in BAD:
+            assert t.state == TS.PRUNED
+            assert len(t.intermediate_values) == RULE.min_epochs  # first allowed decision
+        a = t.user_attrs
+        if not a:
+            continue
+        n_checked += 1
+        assert a["curvecast_stop"] == (t.state == TS.PRUNED)
+        assert a["curvecast_stop"] == (a["curvecast_prob_improve"] <= RULE.delta)
+        assert a["curvecast_step"] == t.last_step
+        # the stored numbers are the decision for exactly the curve the trial reported
+        steps = sorted(t.intermediate_values)
+        c = Curve([s + 1 for s in steps], [t.intermediate_values[s] for s in steps], HORIZON,
+                  bounds=(0, 1))
+        incumbent = max(x.value for x in study.trials[:i] if x.state == TS.COMPLETE)
+        d = decide(pred, [c], [incumbent], RULE)[0]
+        assert a["curvecast_final_mean"] == pytest.approx(d.final_mean, abs=1e-5)
+        assert a["curvecast_prob_improve"] == pytest.approx(d.prob_improve, abs=1e-5)
+        assert set(a["curvecast_final_quantiles"]) == {"0.05", "0.5", "0.95"}
+        json.dumps(a)  # storable in any Optuna storage
+    assert n_checked >= len(BAD)
+
+
+def test_never_prunes_at_the_horizon(pred: Predictor) -> None:
+    # the only decision falls on the last step: a complete trial must stay COMPLETE
+    late = StopRule(delta=0.99, min_epochs=HORIZON)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize",
+                                pruner=CurvecastPruner(HORIZON, pred, rule=late, bounds=(0, 1)))
+    study.optimize(make_objective(False), n_trials=3)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert "horizon" in study.trials[2].user_attrs["curvecast_reason"]
+
+
+def test_minimise_mirrors_maximise(pred: Predictor) -> None:
+    up = run("maximize", pred)
+    down = run("minimize", pred)  # loss = 1 - accuracy, bounds (0, 1): the same normalised curve
+    assert [t.state for t in up.trials] == [t.state for t in down.trials]
+    for a, b in zip(up.trials, down.trials, strict=True):
+        if "curvecast_final_mean" in a.user_attrs:
+            assert b.user_attrs["curvecast_final_mean"] == pytest.approx(
+                1 - a.user_attrs["curvecast_final_mean"], abs=1e-4)
+            assert b.user_attrs["curvecast_prob_improve"] == pytest.approx(
+                a.user_attrs["curvecast_prob_improve"], abs=1e-4)
+
+
+class JsonClient:
+    """An in-process stand-in for the HTTP client: every call goes through the JSON form."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+        self.calls = 0
+
+    def early_stop(self, curves: list[Any], incumbents: list[Any], rule: StopRule) -> Any:
+        self.calls += 1
+        req = {"curves": [curve_to_dict(c) for c in curves], "incumbents": incumbents,
+               "rule": rule_to_dict(rule)}
+        return json.loads(json.dumps(early_stop_json(self.predictor, json.loads(json.dumps(req)))))
+
+
+def test_json_client_backend_matches_in_process(pred: Predictor) -> None:
+    client = JsonClient(pred)
+    via_json = run("maximize", client)
+    local = run("maximize", pred)
+    assert client.calls > 0
+    assert [t.state for t in via_json.trials] == [t.state for t in local.trials]
+    for a, b in zip(via_json.trials, local.trials, strict=True):
+        assert a.user_attrs.keys() == b.user_attrs.keys()
+        if a.user_attrs:
+            assert a.user_attrs["curvecast_prob_improve"] == pytest.approx(
+                b.user_attrs["curvecast_prob_improve"], abs=1e-6)
+
+
+class Oracle:
+    """A transparent backend: stop when the best value so far trails the incumbent by > 0.2.
+    It checks what the pruner sends (direction, incumbent) independently of model quality."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, float]] = []
+
+    def early_stop(self, curves: list[Curve], incumbents: list[float], rule: StopRule) -> Any:
+        out = []
+        for c, inc in zip(curves, incumbents, strict=True):
+            self.seen.append((c.direction, inc))
+            v = np.asarray(c.values)
+            gap = (inc - v.max()) if c.direction == "max" else (v.min() - inc)
+            out.append({"stop": bool(gap > 0.2), "prob_improve": 0.0 if gap > 0.2 else 1.0,
+                        "prob_improve_final": 0.0, "final_mean": float(v[-1]),
+                        "final_quantiles": {"0.5": float(v[-1])},
+                        "expected_remaining_epochs": 0.0, "reason": "oracle"})
+        return {"decisions": out}
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_direction_and_incumbent_reach_the_backend(direction: str) -> None:
+    oracle = Oracle()
+    study = run(direction, oracle, n_startup_trials=2)
+    TS = optuna.trial.TrialState
+    minimise = direction == "minimize"
+    assert [t.state for t in study.trials] == [TS.COMPLETE, TS.COMPLETE] + [TS.PRUNED] * 3
+    finals = [float(1 - acc_curve(i)[-1] if minimise else acc_curve(i)[-1]) for i in (0, 1)]
+    want = min(finals) if minimise else max(finals)
+    assert oracle.seen and all(d == ("min" if minimise else "max") for d, _ in oracle.seen)
+    assert all(inc == pytest.approx(want) for _, inc in oracle.seen)
+    assert "curvecast_final_mean" not in study.trials[1].user_attrs  # before n_startup_trials
+
+
+def test_backend_failure_fails_open_and_user_errors_raise(pred: Predictor) -> None:
+    class Down:
+        def early_stop(self, *a: Any, **k: Any) -> Any:
+            raise ConnectionError("server unreachable")
+
+    study = run("maximize", Down())
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    with pytest.raises(CurvecastError, match="horizon"):
+        CurvecastPruner(0)
+    with pytest.raises(CurvecastError, match="backend"):
+        CurvecastPruner(10, backend=object())
+    short = CurvecastPruner(1, pred, rule=RULE)  # the objective reports beyond the horizon
+    study = optuna.create_study(direction="maximize", pruner=short)
+    with pytest.raises(CurvecastError, match="exceeds horizon"):
+        study.optimize(make_objective(False), n_trials=3)
+
+
+@pytest.mark.slow
+def test_real_server_and_client_backend(pred: Predictor) -> None:
+    """The pruner over HTTP: serve.client.Client against a real server on a free port."""
+    from serve.client import Client
+    from serve.testing import LocalServer
+
+    env = {"CURVECAST_WARMUP": "0", "CURVECAST_THREADS": "1", "CURVECAST_RUNTIME": "torch"}
+    with LocalServer(env=env) as srv:
+        remote = run("maximize", Client(srv.url))
+    local = run("maximize", pred)
+    assert [t.state for t in remote.trials] == [t.state for t in local.trials]
+    for a, b in zip(remote.trials, local.trials, strict=True):
+        assert a.user_attrs.keys() == b.user_attrs.keys()
+        if a.user_attrs:
+            assert a.user_attrs["curvecast_final_mean"] == pytest.approx(
+                b.user_attrs["curvecast_final_mean"], abs=1e-4)
+    # a user error answered with a 4xx is raised, not swallowed by fail_open
+    with LocalServer(env=env) as srv:
+        study = optuna.create_study(direction="maximize",
+                                    pruner=CurvecastPruner(1, Client(srv.url), rule=RULE))
+        with pytest.raises(ValueError, match="horizon"):
+            study.optimize(make_objective(False), n_trials=3)
