@@ -77,6 +77,7 @@ def export_onnx(model: PFN, path: str | Path) -> Path:
             )
             assert program is not None
             program.save(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600: other users (a container's) must read it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -96,6 +97,7 @@ def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
     try:
         quantize_dynamic(str(src), tmp, weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul"])
+        os.chmod(tmp, 0o644)
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -76,6 +76,11 @@ def test_onnx_matches_eager(ort_runtime, default_model, model64, B, K, Q):
     assert err_ort <= max(2 * err_eager, 1e-4), (err_ort, err_eager)
 
 
+def test_exported_file_is_readable_by_other_users(onnx_path):
+    """The image exports as root and serves as another user (Dockerfile)."""
+    assert onnx_path.stat().st_mode & 0o044 == 0o044
+
+
 def test_onnx_graph_has_dynamic_axes(onnx_path):
     import onnx
 
