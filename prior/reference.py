@@ -43,19 +43,6 @@ Tensor = torch.Tensor
 _UNIFORM_KINDS = ("uniform", "exp_uniform", "one_minus_exp_uniform")
 _STRETCH_A = 2.0  # stretch-move scale (emcee's default)
 _EPS = 1e-12
-# Each basis' amplitude parameters: f(x; s * amplitudes, rest) = s * f(x; amplitudes, rest).
-# With the component weight w, (w, amplitudes) -> (w s, amplitudes / s) leaves the curve, hence
-# the likelihood, unchanged: a ridge of the posterior along which the prior alone decides.
-_AMPLITUDES = {
-    "pow3": ("c", "a"),
-    "ilog2": ("c", "a"),
-    "janoschek": ("a", "beta"),
-    "log_power": ("a",),
-    "weibull": ("alpha", "beta"),
-    "mmf": ("alpha", "beta"),
-    "dr_hill": ("theta",),
-}
-_FIBER_SCALE = 0.5  # std of log s in the ridge moves
 _MAX_STAGES = 1000  # annealing gives up (jumps to the posterior) after this many steps
 _F64 = torch.float64
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -78,27 +65,6 @@ class _Model:
             + [f"{prior.components[j]}.{p.name}" for j, p in self.specs]
             + ["log_sigma"]
         )
-        # ridge moves: per coordinate its kind (1 uniform, 2 normal, 0 other), offset and
-        # scale (x = lo + width * sigmoid(t) or lo + width * t), and per component the
-        # exponent of s applied to each coordinate (+1 weight, -1 amplitudes, 0 untouched)
-        kind, lo, width = [1] * self.k, [0.0] * self.k, [1.0] * self.k
-        for _, p in self.specs:
-            kind.append({"uniform": 1, "normal": 2}.get(p.dist, 0))
-            lo.append(p.a)
-            width.append(p.b - p.a if p.dist == "uniform" else p.b)
-        kind.append(0)
-        lo.append(0.0)
-        width.append(1.0)
-        self.kind = torch.tensor(kind)
-        self.lo = torch.tensor(lo, dtype=_F64)
-        self.width = torch.tensor(width, dtype=_F64)
-        self.exponent = torch.zeros(self.k, self.dim, dtype=_F64)
-        for j, comp in enumerate(prior.components):
-            amps = [self.k + i for i, (jj, p) in enumerate(self.specs)
-                    if jj == j and p.name in _AMPLITUDES.get(comp, ()) and kind[self.k + i]]
-            if len(amps) == len(_AMPLITUDES.get(comp, ())) > 0:
-                self.exponent[j, j] = 1.0
-                self.exponent[j, amps] = -1.0
         self.log_parts: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] = (
             torch.compile(self._log_parts, dynamic=True) if compiled else self._log_parts
         )
@@ -122,7 +88,8 @@ class _Model:
         return torch.stack(cols, 1)
 
     def log_prior_free(self, th: Tensor) -> Tensor:
-        """Log prior density of theta (B, D) up to a constant, without the support rules."""
+        """Log prior density of theta (B, D) up to a constant, without the curve rules: logistic
+        densities for logit coordinates, standard normal for the others."""
         logsig = torch.nn.functional.logsigmoid
         u = th[:, self.k : -1]
         lu = torch.where(self.uniform, logsig(u) + logsig(-u), -0.5 * u * u)
@@ -157,7 +124,7 @@ class _Model:
         r = (y.to(f.dtype)[:, None, :] - f[:, obs].view(n, h, -1)) * inv  # (N, H, c)
         ll = -0.5 * r.square().sum(2).double() - obs.numel() * (ls.view(n, h) + _HALF_LOG_2PI)
         lpr = self.log_prior_free(flat).view(n, h)
-        ok = ok.view(n, h) & ~ll.isnan() & ~lpr.isnan()
+        ok = ok.view(n, h) & ~ll.isnan() & torch.isfinite(lpr)
         inf = torch.full_like(ll, -math.inf)
         return torch.where(ok, lpr, inf), torch.where(ok, ll, inf)
 
@@ -235,7 +202,6 @@ class MCMCSettings:
     anneal: bool = True  # start from a tempering (SMC) run rather than the best prior draws
     anneal_ess: float = 0.5  # tempering steps keep this share of the walkers as effective draws
     anneal_sweeps: int = 10  # stretch sweeps after each tempering step
-    ridge: bool = True  # one ridge move (weight x amplitude rescaling) per walker per sweep
     init_pool: int = 8192  # prior draws scored to pick the starting walkers when not annealing
     chunk: int = 128  # curves sampled together in one tensor (memory ~ chunk * n_walkers)
     dtype: str = "float32"  # curve-evaluation precision (state and densities are float64)
@@ -396,9 +362,9 @@ def _target(lpr: Tensor, ll: Tensor, beta: Tensor) -> Tensor:
 
 
 def _sweep(model: _Model, xs: Tensor, obs: Tensor, y: Tensor, e: _Ensemble,
-           g: torch.Generator, ridge: bool) -> Tensor:
-    """One stretch-move update of every walker (two half-ensemble steps), then (``ridge``) one
-    ridge move, in place; returns the share of accepted stretch moves per curve (N,)."""
+           g: torch.Generator) -> Tensor:
+    """One stretch-move update of every walker (two half-ensemble steps), in place; returns
+    the share of accepted moves per curve (N,)."""
     n, w, d = e.th.shape
     h = w // 2
     acc = torch.zeros(n, dtype=_F64)
@@ -419,40 +385,7 @@ def _sweep(model: _Model, xs: Tensor, obs: Tensor, y: Tensor, e: _Ensemble,
         e.lpr[:, act] = torch.where(ok, lpr, e.lpr[:, act])
         e.ll[:, act] = torch.where(ok, ll, e.ll[:, act])
         acc += ok.double().sum(1)
-    if ridge and bool((model.exponent != 0).any()):
-        _ridge_move(model, xs, obs, y, e, g)
     return acc / w
-
-
-def _ridge_move(model: _Model, xs: Tensor, obs: Tensor, y: Tensor, e: _Ensemble,
-                g: torch.Generator) -> Tensor:
-    """One ridge move per walker, in place: for a random component, weight w -> w s and its
-    amplitude parameters p -> p / s (log s ~ N(0, _FIBER_SCALE^2)), which keeps the curve;
-    Metropolis-Hastings with the Jacobian of the map. Returns the acceptance share (N,)."""
-    n, w, d = e.th.shape
-    comp = torch.randint(0, model.k, (n, w), generator=g)
-    ex = model.exponent[comp]  # (N, W, D)
-    log_s = _FIBER_SCALE * torch.randn(n, w, 1, generator=g, dtype=_F64) * ex
-    uni = (model.kind == 1) & (ex != 0)
-    nor = (model.kind == 2) & (ex != 0)
-    logsig = torch.nn.functional.logsigmoid
-    x = model.lo + model.width * torch.where(uni, torch.sigmoid(e.th), e.th)
-    r2 = (x * log_s.exp() - model.lo) / model.width  # new sigmoid value (uniform) or draw
-    valid = torch.where(uni, (r2 > 0) & (r2 < 1), True).all(-1)
-    r2 = torch.where(uni & ~valid[..., None], 0.5, r2)
-    th2 = torch.where(uni, torch.log(r2) - torch.log1p(-r2), torch.where(nor, r2, e.th))
-    th2 = torch.where(valid[..., None], th2, e.th)
-    log_j = log_s.sum(-1) + torch.where(
-        uni, logsig(e.th) + logsig(-e.th) - torch.log(r2) - torch.log1p(-r2), 0.0
-    ).sum(-1)
-    lpr, ll = model.log_parts(th2, xs, obs, y)
-    log_ratio = _target(lpr, ll, e.beta) - _target(e.lpr, e.ll, e.beta) + log_j
-    u = torch.rand(n, w, generator=g, dtype=_F64)
-    ok = valid & (u.log() < log_ratio)
-    e.th.copy_(torch.where(ok[..., None], th2, e.th))
-    e.lpr.copy_(torch.where(ok, lpr, e.lpr))
-    e.ll.copy_(torch.where(ok, ll, e.ll))
-    return ok.double().mean(1)
 
 
 def _resample(e: _Ensemble, log_w: Tensor, g: torch.Generator) -> _Ensemble:
@@ -511,7 +444,7 @@ def _anneal(model: _Model, xs: Tensor, obs: Tensor, y: Tensor, e: _Ensemble,
         sub = _resample(sub, log_w, g)
         sub.beta = torch.where(sub.beta + step >= 1 - 1e-12, 1.0, sub.beta + step)
         for _ in range(settings.anneal_sweeps):
-            _sweep(model, xs, obs, y[idx], sub, g, settings.ridge)
+            _sweep(model, xs, obs, y[idx], sub, g)
         e.put(idx, sub)
         stages[idx] += 1
     return log_z, stages
@@ -550,7 +483,6 @@ def mcmc_posterior_predictive(
     anneal: bool = MCMCSettings.anneal,
     anneal_ess: float = MCMCSettings.anneal_ess,
     anneal_sweeps: int = MCMCSettings.anneal_sweeps,
-    ridge: bool = MCMCSettings.ridge,
     init_pool: int = MCMCSettings.init_pool,
     chunk: int = MCMCSettings.chunk,
     dtype: str = MCMCSettings.dtype,
@@ -568,7 +500,7 @@ def mcmc_posterior_predictive(
     (default: seed 0) and thread count.
     """
     settings = MCMCSettings(n_walkers, n_samples, burn_in, thin, anneal, anneal_ess,
-                            anneal_sweeps, ridge, init_pool, chunk, dtype, compiled, threads)
+                            anneal_sweeps, init_pool, chunk, dtype, compiled, threads)
     return sample_reference(x_obs, y_obs, x_query, prior, settings, generator)
 
 
@@ -654,7 +586,7 @@ def _sample(
             )
         acc = torch.zeros(nc, dtype=_F64)
         for step in range(burn_in + n_samples):
-            acc += _sweep(model, xs, obs, y, e, g, st.ridge)
+            acc += _sweep(model, xs, obs, y, e, g)
             kept = step - burn_in + 1
             if kept > 0 and kept % thin == 0 and kept // thin <= n_keep:
                 theta[s : s + nc, :, kept // thin - 1] = e.th
