@@ -143,6 +143,7 @@ class Replay:
 
     order: np.ndarray
     budget: int
+    index: int = 0  # which ordering
     pos: int = 0  # index into order of the running trial
     k: int = 0  # points the running trial revealed
     spent: int = 0
@@ -176,7 +177,7 @@ class Policy:
 def run_policy(task: Task, orders: np.ndarray, policy: Policy) -> list[Replay]:
     """All orderings in lockstep: every round reveals one point per active replay, then the
     policy decides for all replays whose trial goes on, in one call."""
-    reps = [Replay(order=o, budget=task.budget) for o in orders]
+    reps = [Replay(order=o, budget=task.budget, index=j) for j, o in enumerate(orders)]
     for r in reps:
         r.trials_started = 1
         policy.start(r, task, r.trial())
@@ -263,8 +264,8 @@ class OptunaPolicy(Policy):
 
     def start(self, r: Replay, task: Task, i: int) -> None:
         if "study" not in r.ctx:
-            r.ctx["study"] = self.optuna.create_study(
-                direction="maximize", pruner=self._pruner(task),
+            r.ctx["study"] = self.optuna.create_study(  # Hyperband's brackets hash the name
+                study_name=f"replay-{r.index}", direction="maximize", pruner=self._pruner(task),
                 sampler=self.optuna.samplers.RandomSampler(seed=0))
         r.ctx["trial"] = r.ctx["study"].ask()
 
@@ -471,12 +472,17 @@ def run_task(task: Task, predictor: Predictor | None, policies: Sequence[str],
     return summarize(task, results, plot), stats
 
 
+def short(task: str) -> str:
+    """Task names for tables: TaskSet's long common prefix shortened."""
+    return task.replace("FixedTextRNNClassification_", "taskset:")
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     out = ["| task | policy | trials | speed-up | regret | epochs used / budget |",
            "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         sp = "never" if r["speedup"] is None else f"{r['speedup']:.2f}x"
-        out.append(f"| {r['task'][:44]} | {r['policy']} | {r['n_trials']} | {sp} | "
+        out.append(f"| {short(r['task'])} | {r['policy']} | {r['n_trials']} | {sp} | "
                    f"{100 * r['regret']:.2f}% | {r['epochs_used']:.0f} / {r['budget']} |")
     return "\n".join(out)
 
@@ -506,7 +512,7 @@ def compact(rows: Sequence[dict[str, Any]]) -> str:
                                        if best_pat else ""))
         cells += [cell(ps.get(p)) for p in ("optuna-median", "optuna-sha", "optuna-hyperband")]
         n = ps["none"]
-        out.append(f"| {task[:44]} | {n['n_trials']} | {n['budget']} | "
+        out.append(f"| {short(task)} | {n['n_trials']} | {n['budget']} | "
                    f"{100 * n['regret']:.2f}% | " + " | ".join(cells) + " |")
     return "\n".join(out)
 

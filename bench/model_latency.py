@@ -68,7 +68,8 @@ def lcpfn_model(layers: int) -> Callable[[int], Callable[[], object]]:
     enc.forward = run_layers
 
     def make(b: int) -> Callable[[], object]:
-        x = (torch.arange(1, CUT + 2, dtype=torch.float32) / 100)[:, None, None].expand(CUT + 1, b, 1)
+        x = (torch.arange(1, CUT + 2, dtype=torch.float32) / 100)[:, None, None]
+        x = x.expand(CUT + 1, b, 1)  # (T, B, 1)
         y = torch.rand(CUT, b)
 
         def run() -> object:

@@ -50,7 +50,7 @@ def main() -> None:
         p = CurvePrior(compiled=compiled)
         r = rate(lambda p=p: p.sample(a.batch, g), a.batch, a.seconds)
         rows.append((f"curvecast CurvePrior(compiled={compiled}), {a.threads} thread(s)", r))
-    print(f"| sampler | curves/s | ratio vs lcpfn |\n|---|---|---|")
+    print("| sampler | curves/s | ratio vs lcpfn |\n|---|---|---|")
     for name, r in rows:
         print(f"| {name} | {r:,.0f} | {r / ref:.1f}x |")
 

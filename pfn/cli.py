@@ -152,6 +152,9 @@ def eval_command(
     max_curves: Annotated[int | None, typer.Option(help="random subset per file")] = None,
     reference: Annotated[str | None, typer.Option(help="add a reference method: mcmc")] = None,
     reference_curves: Annotated[int, typer.Option(help="prior curves for the reference")] = 100,
+    mcmc_settings: Annotated[str, typer.Option(
+        help="MCMC settings: default (annealed, ~0.3 s/curve), paper (emcee-like MCMC-PP), "
+             "gold (slow, careful), quick (a smoke test)")] = "default",
     seed: Annotated[int, typer.Option(help="seed for prior curves and subsets")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON rows")] = False,
 ) -> None:
@@ -166,7 +169,8 @@ def eval_command(
             rows += ev.evaluate_prior(methods, prior_curves, seed=seed)
         diags: list[dict[str, float]] = []
         if reference == "mcmc":
-            ref_rows, diags = ev.evaluate_reference(methods["pfn"], reference_curves, seed=seed)
+            ref_rows, diags = ev.evaluate_reference(methods["pfn"], reference_curves, seed=seed,
+                                                      settings=mcmc_settings)
             rows += ref_rows
         elif reference is not None:
             raise CurvecastError(f"--reference: unknown {reference!r}; use mcmc")

@@ -18,16 +18,17 @@ in closed form for each c), N(fit, s²) with s the fit's residual std, floored a
 from __future__ import annotations
 
 import time
-from statistics import NormalDist
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from pfn.errors import CurvecastError
 from pfn.model import PFN
 
 PRIOR_CUTOFFS = (10, 20, 40, 80)
@@ -266,30 +267,35 @@ def evaluate_file(methods: dict[str, Method], path: str | Path, filter_: str | N
     return rows
 
 
-def mcmc_method(settings: dict[str, Any] | None = None, seed: int = 0) -> Method:
-    """The MCMC posterior predictive (prior.reference) as a Method; prior-protocol cases only
-    (all cases share their observed and query epochs)."""
-    from prior.reference import mcmc_posterior_predictive
+def mcmc_method(settings: str = "default", seed: int = 0) -> Method:
+    """The MCMC posterior predictive (prior.reference) under one of its named settings
+    (prior.reference.SETTINGS) as a Method; prior-protocol cases only (all cases share their
+    observed and query epochs)."""
+    from prior.reference import SETTINGS, sample_reference
+
+    if settings not in SETTINGS:
+        raise CurvecastError(f"mcmc settings: unknown {settings!r}; use one of {sorted(SETTINGS)}")
 
     def run(cases: Cases) -> Forecast:
         t0 = time.perf_counter()
         x = torch.as_tensor(cases.x[0])
         xq = torch.as_tensor(cases.xq[0])
-        res = mcmc_posterior_predictive(
-            x, torch.as_tensor(np.stack(cases.y)), xq,
-            generator=torch.Generator().manual_seed(seed), **(settings or {}))
-        ld = res.log_density(torch.as_tensor(np.stack(cases.yq)))
+        res = sample_reference(x, torch.as_tensor(np.stack(cases.y)), xq,
+                               settings=SETTINGS[settings],
+                               generator=torch.Generator().manual_seed(seed))
+        lq = res.log_density(torch.as_tensor(np.stack(cases.yq)))
         q = res.quantile([0.05, 0.25, 0.75, 0.95])  # (n, Q, 4)
         run.diagnostics = res.summary()  # type: ignore[attr-defined]
-        flat = [v.reshape(-1).numpy() for v in (ld, res.mean(), q[..., 1], q[..., 2],
-                                                 q[..., 0], q[..., 3])]
-        return Forecast(*flat, seconds=time.perf_counter() - t0)
+        ld, mean, lo50, hi50, lo90, hi90 = (
+            v.reshape(-1).numpy() for v in (lq, res.mean(), q[..., 1], q[..., 2], q[..., 0],
+                                            q[..., 3]))
+        return Forecast(ld, mean, lo50, hi50, lo90, hi90, seconds=time.perf_counter() - t0)
 
     return run
 
 
 def evaluate_reference(pfn: Method, n_curves: int = 100, cutoffs: Sequence[int] = PRIOR_CUTOFFS,
-                       seed: int = 0, settings: dict[str, Any] | None = None
+                       seed: int = 0, settings: str = "default"
                        ) -> tuple[list[Row], list[dict[str, float]]]:
     """PFN and MCMC on the same prior curves (source ``prior/mcmc-subset``), plus the MCMC
     convergence diagnostics per cutoff."""

@@ -164,7 +164,8 @@ def _as_1d(x: Any, i: int, name: str) -> np.ndarray:
     try:
         a = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as e:
-        raise CurveError(i, name, f"must be a list of numbers ({e})", f"send numbers in {name}")
+        raise CurveError(i, name, f"must be a list of numbers ({e})",
+                         f"send numbers in {name}") from e
     if a.ndim != 1:
         raise CurveError(i, name, f"must be one-dimensional, got shape {a.shape}", "flatten it")
     return a

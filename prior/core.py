@@ -193,7 +193,7 @@ def _screen_draws(
 
 @functools.cache
 def _compiled_screen_draws(components: tuple[str, ...]) -> Callable[..., tuple[Tensor, Tensor]]:
-    return torch.compile(_screen_draws, dynamic=True)  # type: ignore[no-any-return]
+    return torch.compile(_screen_draws, dynamic=True)
 
 
 PRIORS: dict[str, CurvePrior] = {

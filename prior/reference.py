@@ -16,14 +16,19 @@ observed epochs.
 
 Sampler. The affine-invariant ensemble sampler with the stretch move (Goodman & Weare 2010;
 emcee's algorithm, which the paper used), vectorised over curves x walkers: one tensor holds all
-walkers of a chunk of curves and each half-ensemble update is one batched log-posterior call.
+walkers of a chunk of curves and each half-ensemble update is one batched log-density call.
 Walkers start either (``anneal=True``, default) from an adaptive tempering run (a sequential
 Monte Carlo sampler: prior draws, likelihood raised from power 0 to 1 in steps that keep the
 effective sample size at ``anneal_ess`` of the walkers, resampling, ``anneal_sweeps`` stretch
-sweeps per step), which places the walkers across all posterior modes in proportion to their
+sweeps per step), which spreads the walkers over the posterior's modes in proportion to their
 mass, or (``anneal=False``, the paper's recipe) at the best ``n_walkers`` of ``init_pool``
-accepted prior draws, followed by ``burn_in`` sweeps. The paper-style start leaves walkers stuck
-in poor local modes for thousands of steps (split R-hat 2-4 on this prior); see docs/mcmc.md.
+accepted prior draws, followed by ``burn_in`` sweeps. Annealed walkers form ``groups``
+independent populations per curve, so R-hat across groups checks convergence between runs.
+``SETTINGS`` names the default, the paper's recipe and a slow "gold" one.
+
+Mixing is slow on this prior: the data fix only weight x amplitude products, so each component
+has a curved ridge that affine moves do not follow; split R-hat across the paper-style walkers
+stays near 2 after 4000 steps. docs/mcmc.md has the measurements.
 """
 
 from __future__ import annotations
@@ -163,20 +168,29 @@ def _union(grid: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # --- diagnostics ------------------------------------------------------------------------------
+def rhat(chains: Tensor) -> Tensor:
+    """Potential scale reduction (Gelman-Rubin) of chains (..., C, T) -> (...); values near 1
+    mean the C chains agree (NaN for T < 2)."""
+    c = chains.double()
+    t = c.shape[-1]
+    if t < 2:
+        return torch.full(c.shape[:-2], math.nan, dtype=_F64)
+    within = c.var(-1).mean(-1)
+    between = c.mean(-1).var(-1)  # B / T
+    return torch.sqrt(((t - 1) / t * within + between) / within.clamp_min(1e-300))
+
+
 def split_rhat(chains: Tensor) -> Tensor:
     """Split R-hat (Gelman et al. 2013) of chains (..., C, T) -> (...): each chain's halves
-    count as two chains; values near 1 mean the chains agree."""
+    count as two chains, so a drifting chain disagrees with itself."""
     t = chains.shape[-1] // 2
-    c = torch.cat([chains[..., :t], chains[..., t : 2 * t]], -2).double()  # (..., 2C, t)
-    within = c.var(-1).mean(-1)
-    between = c.mean(-1).var(-1)  # B / n
-    return torch.sqrt(((t - 1) / t * within + between) / within.clamp_min(1e-300))
+    return rhat(torch.cat([chains[..., :t], chains[..., t : 2 * t]], -2))  # (..., 2C, t)
 
 
 def ensemble_ess(chains: Tensor, c: float = 5.0) -> Tensor:
     """Effective sample size of walkers (..., W, T) -> (...): W*T / tau, tau the integrated
     autocorrelation time of the walker-averaged autocorrelation function with Sokal's window
-    (emcee's estimator; trustworthy when T > 50 tau)."""
+    (emcee's estimator); NaN where the chains are too short to tell (T < 50 tau, as emcee)."""
     w, t = chains.shape[-2:]
     x = chains.double() - chains.double().mean(-1, keepdim=True)
     nfft = 1 << (2 * t - 1).bit_length()
@@ -187,7 +201,7 @@ def ensemble_ess(chains: Tensor, c: float = 5.0) -> Tensor:
     ok = torch.arange(t, dtype=taus.dtype) < c * taus
     window = torch.where(ok.all(-1), t - 1, (~ok).to(torch.int64).argmax(-1))
     tau = taus.gather(-1, window[..., None])[..., 0].clamp_min(1.0)
-    return w * t / tau
+    return torch.where(t >= 50 * tau, w * t / tau, math.nan)
 
 
 # --- result -------------------------------------------------------------------------------------
@@ -195,13 +209,14 @@ def ensemble_ess(chains: Tensor, c: float = 5.0) -> Tensor:
 class MCMCSettings:
     """How the reference posterior is sampled; validated on construction."""
 
-    n_walkers: int = 512  # ensemble size per curve (even, >= twice the dimension)
+    n_walkers: int = 1024  # walkers per curve (each group: even, >= twice the dimension)
     n_samples: int = 100  # stretch-move sweeps per walker after burn-in
     burn_in: int = 0  # discarded sweeps per walker (after the annealing, if any)
     thin: int = 10  # keep every thin-th sweep after burn-in
     anneal: bool = True  # start from a tempering (SMC) run rather than the best prior draws
     anneal_ess: float = 0.5  # tempering steps keep this share of the walkers as effective draws
     anneal_sweeps: int = 10  # stretch sweeps after each tempering step
+    groups: int = 2  # annealed start: independent walker groups per curve (R-hat across them)
     init_pool: int = 8192  # prior draws scored to pick the starting walkers when not annealing
     chunk: int = 128  # curves sampled together in one tensor (memory ~ chunk * n_walkers)
     dtype: str = "float32"  # curve-evaluation precision (state and densities are float64)
@@ -217,6 +232,8 @@ class MCMCSettings:
             ("thin", self.thin >= 1, ">= 1"),
             ("anneal_ess", 0 < self.anneal_ess < 1, "strictly between 0 and 1"),
             ("anneal_sweeps", self.anneal_sweeps >= 1, ">= 1"),
+            ("groups", self.groups >= 1 and (not self.anneal or self.n_walkers % (2 * self.groups)
+                                               == 0), ">= 1, dividing n_walkers / 2"),
             ("init_pool", self.anneal or self.init_pool >= self.n_walkers, ">= n_walkers"),
             ("chunk", self.chunk >= 1, ">= 1"),
             ("dtype", self.dtype in ("float32", "float64"), "'float32' or 'float64'"),
@@ -231,6 +248,20 @@ class MCMCSettings:
         return torch.float32 if self.dtype == "float32" else torch.float64
 
 
+# Named settings (add compiled=True with dataclasses.replace for long runs); see docs/mcmc.md.
+SETTINGS: dict[str, MCMCSettings] = {
+    "default": MCMCSettings(),  # annealed start: ~0.2 M log-density calls per curve
+    # the paper's MCMC-PP: emcee, 100 walkers, 4000 steps of which 500 burn-in (~0.4 M calls)
+    "paper": MCMCSettings(n_walkers=100, n_samples=3500, burn_in=500, thin=35, anneal=False,
+                          groups=1, chunk=64),
+    # a slow, careful reference to check the others against (~0.7 M calls per curve)
+    "gold": MCMCSettings(n_walkers=1024, n_samples=200, thin=20, anneal_ess=0.9,
+                         anneal_sweeps=20, groups=1, chunk=32),
+    # a smoke test of the whole path in seconds (not a reference: too few draws to trust)
+    "quick": MCMCSettings(n_walkers=64, n_samples=40, thin=10, anneal_sweeps=2),
+}
+
+
 @dataclass(frozen=True)
 class MCMCResult:
     """Posterior draws of n curves and their posterior predictive at ``x_query``.
@@ -243,9 +274,12 @@ class MCMCResult:
     theta: Tensor  # (n, W, T, D) float64 unconstrained draws (see the module docstring)
     log_prob: Tensor  # (n, W, T) float64 log posterior of each draw (prior up to a constant)
     acceptance: Tensor  # (n,) share of accepted stretch moves after the annealing
-    rhat: Tensor  # (n, 3) split R-hat over walkers of (log sigma, f(x_query[-1]), log_prob)
-    ess: Tensor  # (n, 3) ensemble effective sample size of the same three quantities
-    rhat_params: Tensor  # (n,) max split R-hat over the D coordinates of theta
+    rhat: Tensor  # (n, 3) R-hat of (log sigma, f(x_query[-1]), log_prob): across the
+    # independent walker groups when annealed (settings.groups > 1), else split R-hat across
+    # walkers; ~1 when the groups / walkers agree
+    ess: Tensor  # (n, 3) ensemble effective sample size of the same three quantities (emcee's
+    # autocorrelation estimator; NaN where the chains are too short to tell)
+    rhat_params: Tensor  # (n,) max R-hat (as rhat) over the D coordinates of theta
     n_stages: Tensor  # (n,) tempering steps (0 without annealing)
     log_evidence: Tensor  # (n,) log p(y_obs), the marginal likelihood, from the annealing
     # (NaN without): the product of the tempering steps' mean incremental weights
@@ -320,23 +354,30 @@ class MCMCResult:
 
     def summary(self) -> dict[str, float]:
         """Convergence and cost in a few numbers (medians and tails over curves)."""
-        r = self.rhat.amax(1)
-        e = self.ess.amin(1)
-        return {
-            "n_curves": float(self.n_curves),
-            "n_draws": float(self.n_draws),
-            "rhat_median": float(r.median()),
-            "rhat_p90": float(r.quantile(0.9)),
-            "rhat_max": float(r.max()),
-            "frac_rhat_below_1.1": float((r < 1.1).double().mean()),
-            "rhat_params_median": float(self.rhat_params.median()),
-            "ess_median": float(e.median()),
-            "ess_p10": float(e.quantile(0.1)),
-            "acceptance_mean": float(self.acceptance.mean()),
-            "stages_mean": float(self.n_stages.double().mean()),
-            "seconds": self.seconds,
-            "seconds_per_curve": self.seconds_per_curve,
-        }
+        return _summary(self.rhat, self.ess, self.rhat_params, self.acceptance, self.n_stages,
+                        self.n_draws, self.seconds)
+
+
+def _summary(rhat: Tensor, ess: Tensor, rhat_params: Tensor, acceptance: Tensor,
+             n_stages: Tensor, n_draws: int, seconds: float) -> dict[str, float]:
+    r = rhat.amax(1)
+    e = ess.amin(1)
+    n = r.numel()
+    return {
+        "n_curves": float(n),
+        "n_draws": float(n_draws),  # per curve
+        "rhat_median": float(r.median()),
+        "rhat_p90": float(r.quantile(0.9)),
+        "rhat_max": float(r.max()),
+        "frac_rhat_below_1.1": float((r < 1.1).double().mean()),
+        "rhat_params_median": float(rhat_params.median()),
+        "ess_median": float(e.nanmedian()),  # NaN where every chain is too short to tell
+        "ess_p10": float(e.nanquantile(0.1)),
+        "acceptance_mean": float(acceptance.mean()),
+        "stages_mean": float(n_stages.double().mean()),
+        "seconds": seconds,
+        "seconds_per_curve": seconds / max(n, 1),
+    }
 
 
 # --- sampler ------------------------------------------------------------------------------------
@@ -483,6 +524,7 @@ def mcmc_posterior_predictive(
     anneal: bool = MCMCSettings.anneal,
     anneal_ess: float = MCMCSettings.anneal_ess,
     anneal_sweeps: int = MCMCSettings.anneal_sweeps,
+    groups: int = MCMCSettings.groups,
     init_pool: int = MCMCSettings.init_pool,
     chunk: int = MCMCSettings.chunk,
     dtype: str = MCMCSettings.dtype,
@@ -500,7 +542,8 @@ def mcmc_posterior_predictive(
     (default: seed 0) and thread count.
     """
     settings = MCMCSettings(n_walkers, n_samples, burn_in, thin, anneal, anneal_ess,
-                            anneal_sweeps, init_pool, chunk, dtype, compiled, threads)
+                            anneal_sweeps, groups, init_pool, chunk, dtype, compiled,
+                            threads)
     return sample_reference(x_obs, y_obs, x_query, prior, settings, generator)
 
 
@@ -547,10 +590,11 @@ def _sample(
         raise ValueError("x_obs / y_obs: all values must be finite; drop missing epochs")
     if x_query.numel() == 0 or not bool(torch.isfinite(x_query).all()):
         raise ValueError("x_query: need at least one query epoch, all finite")
-    if st.n_walkers < 2 * model.dim:
+    grp = st.groups if st.anneal else 1
+    if st.n_walkers < 2 * model.dim * grp:
         raise ValueError(
-            f"n_walkers: need >= {2 * model.dim} (twice the dimension of prior "
-            f"{prior.name}), got {st.n_walkers}"
+            f"n_walkers: need >= {2 * model.dim * grp} ({grp} group(s) of twice the dimension "
+            f"of prior {prior.name}), got {st.n_walkers}"
         )
     settings = st
     n_walkers, n_samples, burn_in, thin = st.n_walkers, st.n_samples, st.burn_in, st.thin
@@ -568,30 +612,32 @@ def _sample(
     acceptance = torch.empty(n, dtype=_F64)
     n_stages = torch.zeros(n, dtype=torch.int64)
     log_evidence = torch.full((n,), math.nan, dtype=_F64)
+    wg = w // grp  # walkers per group; a group is sampled as its own curve
     for s in range(0, n, chunk):
         y = y_obs[s : s + chunk].double()
         nc = y.shape[0]
         if anneal:
+            y = y.repeat_interleave(grp, 0)  # (nc * grp, c)
             wp, pp = prior.sample_params(nc * w, g)
             z = torch.randn(nc * w, generator=g, dtype=_F64)
             th = model.from_params(wp, pp, prior.log_sigma_mean + prior.log_sigma_std * z)
-            th = th.view(nc, w, d)
+            th = th.view(nc * grp, wg, d)
         else:
             th = _best_of_pool(model, pool, pool_f, y, w)
         lpr, ll = model.log_parts(th, xs, obs, y)
-        e = _Ensemble(th, lpr, ll, torch.full((nc, 1), 0.0 if anneal else 1.0, dtype=_F64))
+        e = _Ensemble(th, lpr, ll, torch.full((nc * grp, 1), float(not anneal), dtype=_F64))
         if anneal:
-            log_evidence[s : s + nc], n_stages[s : s + nc] = _anneal(
-                model, xs, obs, y, e, settings, g
-            )
-        acc = torch.zeros(nc, dtype=_F64)
+            log_z, stages = _anneal(model, xs, obs, y, e, settings, g)
+            log_evidence[s : s + nc] = log_z.view(nc, grp).logsumexp(1) - math.log(grp)
+            n_stages[s : s + nc] = stages.view(nc, grp).amax(1)
+        acc = torch.zeros(nc * grp, dtype=_F64)
         for step in range(burn_in + n_samples):
             acc += _sweep(model, xs, obs, y, e, g)
             kept = step - burn_in + 1
             if kept > 0 and kept % thin == 0 and kept // thin <= n_keep:
-                theta[s : s + nc, :, kept // thin - 1] = e.th
-                log_prob[s : s + nc, :, kept // thin - 1] = e.lpr + e.ll
-        acceptance[s : s + nc] = acc / (burn_in + n_samples)
+                theta[s : s + nc, :, kept // thin - 1] = e.th.reshape(nc, w, d)
+                log_prob[s : s + nc, :, kept // thin - 1] = (e.lpr + e.ll).reshape(nc, w)
+        acceptance[s : s + nc] = acc.view(nc, grp).mean(1) / (burn_in + n_samples)
 
     # diagnostics on log sigma, the curve at the last query epoch and the log posterior
     f_last = torch.empty(n, w, n_keep, dtype=_F64)
@@ -606,9 +652,9 @@ def _sample(
         theta=theta,
         log_prob=log_prob,
         acceptance=acceptance,
-        rhat=split_rhat(quantities),
+        rhat=_rhat(quantities, grp),
         ess=ensemble_ess(quantities),
-        rhat_params=split_rhat(theta.permute(0, 3, 1, 2)).amax(1),
+        rhat_params=_rhat(theta.permute(0, 3, 1, 2), grp).amax(1),
         n_stages=n_stages,
         log_evidence=log_evidence,
         seconds=time.perf_counter() - t0,
@@ -617,23 +663,45 @@ def _sample(
     )
 
 
+def _rhat(chains: Tensor, groups: int) -> Tensor:
+    """(..., W, T) -> (...): with groups > 1, R-hat across the independent walker groups (all
+    draws of a group pooled); otherwise split R-hat across walkers (each walker a chain)."""
+    if groups == 1:
+        return split_rhat(chains)
+    return rhat(chains.reshape(*chains.shape[:-2], groups, -1))
+
+
 def reference_log_likelihood(
     y: Tensor,
     cutoff: int,
     prior: CurvePrior | None = None,
     settings: MCMCSettings | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, MCMCResult]:
+    batch: int = 256,
+) -> tuple[Tensor, dict[str, float]]:
     """The paper's measure for prior curves y (n, m) over epochs 1..m cut after ``cutoff``
     points: per curve, the mean over epochs cutoff+1..m of the reference predictive log-density
-    of the noisy values -> (n,) float64, and the sampler's result."""
+    of the noisy values -> (n,) float64, and the diagnostics summary (MCMCResult.summary) over
+    all curves. Sampled ``batch`` curves at a time; their draws are dropped after scoring
+    (the default settings keep ~1 MB of draws per curve)."""
     y = torch.as_tensor(y)
-    m = y.shape[1]
+    n, m = y.shape
     if not 1 <= cutoff < m:
         raise ValueError(f"cutoff: need 1 <= cutoff < {m} (the curve length), got {cutoff}")
+    if batch < 1:
+        raise ValueError(f"batch: need >= 1, got {batch}")
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
     x = torch.arange(1, m + 1, dtype=torch.float64)
-    r = sample_reference(x[:cutoff], y[:, :cutoff], x[cutoff:], prior, settings, generator)
-    return r.log_density(y[:, cutoff:]).mean(1), r
+    lls, parts, seconds, draws = [], [], 0.0, 0
+    for s in range(0, n, batch):
+        yb = y[s : s + batch]
+        r = sample_reference(x[:cutoff], yb[:, :cutoff], x[cutoff:], prior, settings, g)
+        lls.append(r.log_density(yb[:, cutoff:]).mean(1))
+        parts.append((r.rhat, r.ess, r.rhat_params, r.acceptance, r.n_stages))
+        seconds += r.seconds
+        draws = r.n_draws
+    rh, es, rp, acc, st = (torch.cat(list(t)) for t in zip(*parts, strict=True))
+    return torch.cat(lls), _summary(rh, es, rp, acc, st, draws, seconds)
 
 
 def prior_protocol(
@@ -651,7 +719,7 @@ def prior_protocol(
     rows = []
     for c in cutoffs:
         g = torch.Generator().manual_seed(seed + c)
-        ll, r = reference_log_likelihood(b.y, c, prior, settings, g)
+        ll, summary = reference_log_likelihood(b.y, c, prior, settings, g)
         rows.append({"cutoff": float(c), "log_likelihood": float(ll.mean()),
-                     "stderr": float(ll.std() / math.sqrt(max(n, 1))), **r.summary()})
+                     "stderr": float(ll.std() / math.sqrt(max(n, 1))), **summary})
     return rows

@@ -24,7 +24,8 @@ def test_hand_computed_values(bar):
     assert float(bar.cdf(logits, torch.tensor(3.0))) == pytest.approx(0.45, abs=1e-6)
     # left tail: half-normal starting at 1 whose median distance is the bucket width (1)
     s = 1.0 / (math.sqrt(2) * torch.erfinv(torch.tensor(0.5)).item())
-    want = math.log(0.1) + math.log(2) - 0.5 * math.log(2 * math.pi) - math.log(s) - 0.5 * (0.5 / s) ** 2
+    want = (math.log(0.1) + math.log(2) - 0.5 * math.log(2 * math.pi) - math.log(s)
+            - 0.5 * (0.5 / s) ** 2)
     assert float(bar.log_density(logits, torch.tensor(0.5))) == pytest.approx(want, rel=1e-5)
     assert float(bar.cdf(logits, torch.tensor(0.0))) == pytest.approx(0.05, abs=1e-6)
     # right tail median at 4 + width(1): CDF = 0.6 + 0.4 * 0.5

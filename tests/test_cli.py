@@ -85,3 +85,18 @@ def test_train_cli_rejects_unknown_key(tmp_path):
 @pytest.mark.parametrize("cmd", ["predict", "eval", "plot", "sample-prior", "train"])
 def test_help(cmd):
     assert "Usage" in cc(cmd, "--help").stdout
+
+
+def test_eval_reference_mcmc_same_curves_both_methods():
+    r = cc("eval", "--prior-curves", "0", "--reference", "mcmc", "--reference-curves", "3",
+           "--mcmc-settings", "quick", "--json")
+    out = json.loads(r.stdout)
+    ref = [row for row in out["rows"] if row["source"] == "prior/mcmc-subset"]
+    assert {(row["method"], row["cutoff"]) for row in ref} == {
+        (m, c) for m in ("pfn", "mcmc") for c in ("10", "20", "40", "80")}
+    assert all(row["n_curves"] == 3 and np.isfinite(row["log_likelihood"]) for row in ref)
+    assert [d["cutoff"] for d in out["mcmc_diagnostics"]] == [10, 20, 40, 80]
+    assert all(d["rhat_median"] > 0.9 for d in out["mcmc_diagnostics"])
+    bad = cc("eval", "--prior-curves", "0", "--reference", "mcmc", "--mcmc-settings", "fast",
+             check=False)
+    assert bad.returncode != 0 and "unknown 'fast'" in bad.stderr and "gold" in bad.stderr

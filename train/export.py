@@ -27,6 +27,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path) -> str:
     model.load_state_dict({**ck["model"], **ck["ema"]})  # EMA weights when the run kept them
     step = int(ck["meta"]["step"])
     prior = get_prior(cfg.prior)
-    meta = {"train_config": cfg.to_dict(), "ema": bool(ck["ema"]), "steps": step, "curves_seen": step * cfg.batch_size,
+    meta = {"train_config": cfg.to_dict(), "ema": bool(ck["ema"]), "steps": step,
+            "curves_seen": step * cfg.batch_size,
             "max_context": prior.n_epochs - 1, "prior": prior.name}
     return save_model(model.eval(), out_dir, meta)

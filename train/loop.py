@@ -12,6 +12,9 @@ import copy
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +35,11 @@ from train.export import model_meta
 
 EVAL_CUTOFFS = (10, 20, 40, 80)
 # config keys that may change between a run and its resumption (they don't change the maths)
-# (ema_decay only changes the averaged copy that is exported, not the optimised weights)
+# (ema_decay only changes the averaged copy that is exported, not the optimised weights;
+# n_curves re-targets the learning-rate schedule from the step reached: a run can be shortened
+# or extended, and the change is logged)
 OPERATIONAL_KEYS = frozenset({"threads", "device", "ckpt_every", "log_every", "eval_every",
-                              "eval_curves", "compile", "out_dir", "ema_decay"})
+                              "eval_curves", "compile", "out_dir", "ema_decay", "n_curves"})
 
 
 @dataclass
@@ -196,6 +201,9 @@ class Trainer:
         if ck["meta"]["world"] != self.dist.world:
             raise ValueError(f"{self.ckpt_path}: saved with {ck['meta']['world']} ranks; "
                              f"resume with the same number (now {self.dist.world})")
+        if saved["n_curves"] != now["n_curves"] and self.dist.rank == 0:
+            print(f"resuming at step {ck['meta']['step']} with n_curves {saved['n_curves']:,} -> "
+                  f"{now['n_curves']:,}: the learning-rate schedule re-targets", file=sys.stderr)
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optim"])
         self.gen.set_state(ck["rng_prior"][self.dist.rank])
@@ -251,8 +259,12 @@ class Trainer:
         log = open(self.out / "metrics.jsonl", "a") if self.dist.main else None  # noqa: SIM115
         last: dict[str, Any] = {"resumed": resumed}
         t0, tok, cur = time.perf_counter(), 0.0, 0
+        stop = self._stop_on_sigterm()
         try:
             while self.step < end:
+                if stop.is_set():  # SIGTERM: checkpoint the step reached, then return
+                    self.save()
+                    break
                 m = self.train_step()
                 tok += m["tokens"] * self.dist.world
                 cur += cfg.batch_size
@@ -279,6 +291,14 @@ class Trainer:
         if self.step >= cfg.total_steps and self.dist.main:
             self.export()
         return last
+
+    def _stop_on_sigterm(self) -> threading.Event:
+        """An event set by SIGTERM (single process, main thread only: under DDP a lone rank
+        leaving the loop would hang the others, and torchrun stops the group itself)."""
+        ev = threading.Event()
+        if self.dist.world == 1 and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: ev.set())
+        return ev
 
     def export(self, out_dir: Path | None = None) -> str:
         meta = model_meta(self.cfg, self.step, bool(self.ema))
