@@ -19,7 +19,8 @@ import torch
 from prior.basis import BASES, ParamPrior
 
 Tensor = torch.Tensor
-_CHUNK = 1 << 15  # max proposals per round
+_CHUNK = 1 << 15  # max proposals per round, eager: small temporaries are faster to allocate
+_CHUNK_COMPILED = 1 << 17  # compiled: one fused kernel, so larger rounds amortise its call cost
 
 LCPFN_COMPONENTS = ("pow3", "ilog2", "janoschek")
 DOMHAN_COMPONENTS = tuple(BASES)
@@ -89,8 +90,8 @@ class CurvePrior:
         for _ in range(self.max_rounds):
             if got >= n:
                 return
-            # proposals in chunks of <= _CHUNK: small temporaries are much faster to allocate
-            k = min(int(math.ceil((n - got) / max(accept, 1e-4) * 1.15)) + 16, _CHUNK)
+            k = min(int(math.ceil((n - got) / max(accept, 1e-4) * 1.15)) + 16,
+                    _CHUNK_COMPILED if self.compiled else _CHUNK)
             u, z = self._draws(k, g, dtype)
             # stage 1: both end points (f(m) > f(1), range, NaN) for every proposal
             idx = self._screen(ends, u, z)[1].nonzero().squeeze(1)
@@ -146,10 +147,11 @@ def _screen(
     f = w[:, :1] * BASES[components[0]].fn(x, params[0])
     for k in range(1, len(components)):
         f = f + w[:, k : k + 1] * BASES[components[k]].fn(x, params[k])
-    ok = (f[:, -1] > f[:, 0]) & ~f.isnan().any(1)
-    if range_constraint:
-        ok = ok & ((f >= 0) & (f <= 1)).all(1)
-    return f, ok
+    ok = f[:, -1] > f[:, 0]
+    if range_constraint:  # min/max reductions propagate NaN, and NaN fails both comparisons
+        lo, hi = torch.aminmax(f, dim=1)
+        return f, ok & (lo >= 0) & (hi <= 1)
+    return f, ok & ~f.isnan().any(1)
 
 
 def _specs(components: tuple[str, ...]) -> list[ParamPrior]:

@@ -115,3 +115,29 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert ck["meta"]["world"] == 2 and len(ck["rng_prior"]) == 2
     assert not torch.equal(ck["rng_prior"][0], ck["rng_prior"][1])  # different prior streams
     assert (out / "model" / "config.json").exists()
+
+
+def test_sigterm_checkpoints_the_step_reached_and_n_curves_retargets(tmp_path):
+    from train.checkpoint import load_checkpoint
+
+    run_dir = tmp_path / "run"
+    opts = {**TINY, "n_curves": 8 * 10_000, "ckpt_every": 1_000, "out_dir": run_dir}
+    proc = subprocess.Popen([sys.executable, "-m", "train", *_args(opts), "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and
+                                          len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
+    step = int(load_checkpoint(run_dir / "checkpoint.safetensors")["meta"]["step"])
+    assert 3 <= step < 1_000  # saved on SIGTERM, not at a ckpt_every multiple
+    # a shorter schedule is accepted on resume (and said), the lr follows the new one
+    end = step + 2
+    r = subprocess.run([sys.executable, "-m", "train", *_args({**opts, "n_curves": 8 * end}),
+                        "--no-progress"], capture_output=True, text=True, check=True)
+    assert f"n_curves {8 * 10_000:,} -> {8 * end:,}" in r.stderr
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    cfg = apply_overrides(TrainConfig(), {**TINY, "n_curves": 8 * end})
+    assert last["step"] == end and last["lr"] == pytest.approx(lr_at(cfg, end - 1))
