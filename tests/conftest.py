@@ -1,4 +1,5 @@
 import os
+from collections.abc import Iterator
 
 # Triton kernels run on the CPU only in the interpreter; must be set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -7,6 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from pfn.model import PFN, PFNConfig  # noqa: E402
+from pfn.predictor import Predictor  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -20,6 +22,15 @@ def tiny_model() -> PFN:
     torch.manual_seed(0)
     cfg = PFNConfig(n_layers=2, d_model=32, n_heads=4, d_ff=64, n_buckets=50, encoder_hidden=16)
     return PFN(cfg, torch.linspace(-0.2, 1.2, 51)).eval()
+
+
+@pytest.fixture(scope="module")
+def pred() -> Iterator[Predictor]:
+    """The embedded default model, run on one torch thread (small batches on a shared CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Predictor.load()
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

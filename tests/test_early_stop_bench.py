@@ -6,12 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pfn import Curve, Predictor
 from pfn.early_stop import MAX_CHECKED_EPOCHS, StopRule, decide
@@ -27,14 +25,6 @@ def es():  # type: ignore[no-untyped-def]
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
-
-
-@pytest.fixture(scope="module")
-def pred() -> Iterator[Predictor]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield Predictor.load()
-    torch.set_num_threads(n)
 
 
 def synthetic(n: int = 30, T: int = 10, seed: int = 0, minimise: bool = False,

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 optuna = pytest.importorskip("optuna")
 
@@ -23,14 +21,6 @@ BAD = (2, 3, 4)
 # With the real model the assertions must hold for any sensible model (the default one is still
 # training): a loose delta prunes trials far below the incumbent whatever the model's spread.
 RULE = StopRule(delta=0.9)
-
-
-@pytest.fixture(scope="module")
-def pred() -> Iterator[Predictor]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield Predictor.load()
-    torch.set_num_threads(n)
 
 
 def acc_curve(number: int) -> np.ndarray:

@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("ray.tune")
 
@@ -24,14 +22,6 @@ from pfn.hpo.ray import CurvecastScheduler  # noqa: E402
 HORIZON = 12
 RULE = StopRule(delta=0.9)  # loose: trials far below the incumbent stop with any sensible model
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
-
-
-@pytest.fixture(scope="module")
-def pred() -> Iterator[Predictor]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield Predictor.load()
-    torch.set_num_threads(n)
 
 
 def acc(top: float) -> np.ndarray:
