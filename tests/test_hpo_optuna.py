@@ -118,17 +118,21 @@ class JsonClient:
         return json.loads(json.dumps(early_stop_json(self.predictor, json.loads(json.dumps(req)))))
 
 
+def assert_same_trials(x: optuna.Study, y: optuna.Study, attr: str, tol: float) -> None:
+    """Same trial states, same user-attribute keys, and ``attr`` equal within ``tol``."""
+    assert [t.state for t in x.trials] == [t.state for t in y.trials]
+    for a, b in zip(x.trials, y.trials, strict=True):
+        assert a.user_attrs.keys() == b.user_attrs.keys()
+        if a.user_attrs:
+            assert a.user_attrs[attr] == pytest.approx(b.user_attrs[attr], abs=tol)
+
+
 def test_json_client_backend_matches_in_process(pred: Predictor) -> None:
     client = JsonClient(pred)
     via_json = run("maximize", client)
     local = run("maximize", pred)
     assert client.calls > 0
-    assert [t.state for t in via_json.trials] == [t.state for t in local.trials]
-    for a, b in zip(via_json.trials, local.trials, strict=True):
-        assert a.user_attrs.keys() == b.user_attrs.keys()
-        if a.user_attrs:
-            assert a.user_attrs["curvecast_prob_improve"] == pytest.approx(
-                b.user_attrs["curvecast_prob_improve"], abs=1e-6)
+    assert_same_trials(via_json, local, "curvecast_prob_improve", 1e-6)
 
 
 class Oracle:
@@ -192,12 +196,7 @@ def test_real_server_and_client_backend(pred: Predictor) -> None:
     with LocalServer(env=env) as srv:
         remote = run("maximize", Client(srv.url))
     local = run("maximize", pred)
-    assert [t.state for t in remote.trials] == [t.state for t in local.trials]
-    for a, b in zip(remote.trials, local.trials, strict=True):
-        assert a.user_attrs.keys() == b.user_attrs.keys()
-        if a.user_attrs:
-            assert a.user_attrs["curvecast_final_mean"] == pytest.approx(
-                b.user_attrs["curvecast_final_mean"], abs=1e-4)
+    assert_same_trials(remote, local, "curvecast_final_mean", 1e-4)
     # a user error answered with a 4xx is raised, not swallowed by fail_open
     with LocalServer(env=env) as srv:
         study = optuna.create_study(direction="maximize",
