@@ -94,6 +94,21 @@ class Block(nn.Module):
         h = h + self.drop(self.attention(self.ln1(h), mask, attn))
         return h + self.drop(self.ff2(F.gelu(self.ff1(self.ln2(h)))))
 
+    def forward_rows(self, h: Tensor, mask: Tensor, start: int) -> Tensor:
+        """``forward(h, mask)[:, start:]`` without computing the other rows (SDPA, eval): the
+        last block at inference only needs the query tokens' outputs. Keys and values still
+        come from every token."""
+        B, L, E = h.shape
+        H, D = self.n_heads, E // self.n_heads
+        x = self.ln1(h)
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(x[:, start:], w[:E], b[:E]).view(B, -1, H, D).transpose(1, 2)  # (B,H,R,D)
+        kv = F.linear(x, w[E:], b[E:]).view(B, L, 2, H, D)  # (B, L, 2, H, D)
+        k, v = kv.permute(2, 0, 3, 1, 4)  # 2×(B, H, L, D)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, start:])  # (B, H, R, D)
+        r = h[:, start:] + self.proj(o.transpose(1, 2).reshape(B, -1, E))  # (B, R, E)
+        return r + self.ff2(F.gelu(self.ff1(self.ln2(r))))
+
 
 def _mlp(hidden: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(1, hidden), nn.GELU(), nn.Linear(hidden, out))
@@ -133,13 +148,22 @@ class PFN(nn.Module):
         which never builds the L×L mask); None restores SDPA. Training always uses SDPA."""
         self.attention_fn = fn
 
-    def hidden(self, t: Tensor, y: Tensor, is_ctx: Tensor) -> Tensor:
-        """Final hidden states (B, L, E) for t, y (B, L) float and is_ctx (B, L) bool."""
+    def hidden(self, t: Tensor, y: Tensor, is_ctx: Tensor, start: int = 0) -> Tensor:
+        """Final hidden states (B, L - start, E) of tokens start.. for t, y (B, L) float and
+        is_ctx (B, L) bool. With start > 0 (inference: the queries follow the context) the
+        last block computes only those rows, which equals slicing the full result."""
         attn = None if self.training else self.attention_fn
         mask = pfn_attention_mask(is_ctx) if attn is None else is_ctx  # what attention takes
         h = self.embed(t, y, is_ctx)
-        for blk in self.blocks:
-            h = blk(h, mask, attn)
+        rows_only = start > 0 and attn is None and not self.training
+        for i, blk in enumerate(self.blocks):
+            if rows_only and i == len(self.blocks) - 1:
+                assert isinstance(blk, Block)
+                h = blk.forward_rows(h, mask, start)  # (B, L - start, E)
+            else:
+                h = blk(h, mask, attn)  # (B, L, E)
+        if start > 0 and not rows_only:
+            h = h[:, start:]  # (B, L - start, E)
         return self.ln_f(h)
 
     def forward(self, t: Tensor, y: Tensor, is_ctx: Tensor, select: Tensor | None = None) -> Tensor:
@@ -156,7 +180,7 @@ class PFN(nn.Module):
         t = torch.cat([t_ctx, t_qry], 1)  # (B, K+Q)
         y = torch.cat([y_ctx, torch.zeros_like(t_qry)], 1)  # (B, K+Q)
         is_ctx = torch.cat([ctx_mask, torch.zeros_like(t_qry, dtype=torch.bool)], 1)
-        return self.head(self.hidden(t, y, is_ctx)[:, K:])  # (B, Q, n_buckets)
+        return self.head(self.hidden(t, y, is_ctx, start=K))  # (B, Q, n_buckets)
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

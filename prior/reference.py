@@ -335,21 +335,42 @@ class MCMCResult:
             out[rows] = f.mean(1)
         return out
 
-    def quantile(self, qs: Sequence[float], iters: int = 40) -> Tensor:
-        """Posterior predictive quantiles (n, Q, len(qs)), by bisection on the mixture CDF."""
+    def quantile(self, qs: Sequence[float], iters: int = 60, tol: float = 1e-10) -> Tensor:
+        """Posterior predictive quantiles (n, Q, len(qs)) of the mixture, by safeguarded Newton.
+
+        The bracket starts at the smallest and largest component quantile ``f + sigma *
+        ndtri(q)`` (the mixture quantile lies between them); each iteration takes the Newton
+        step ``x - (F(x) - q) / p(x)`` when it stays inside the bracket, else bisects, and
+        shrinks the bracket by the sign of ``F(x) - q``; a Newton step not at most half the step
+        before last is replaced by a bisection (Numerical Recipes' rtsafe); converged entries
+        stay put. Stops when every |F(x) - q| < ``tol``: typically 5-8 evaluations of the
+        mixture CDF, where plain bisection from +-10 sigma took 40."""
         q = torch.tensor(list(qs), dtype=_F64)
         if q.numel() == 0 or bool(((q <= 0) | (q >= 1)).any()):
             raise ValueError(f"qs: need probabilities strictly inside (0, 1), got {list(qs)}")
         out = torch.empty(self.n_curves, self.x_query.numel(), q.numel(), dtype=_F64)
-        for rows, f, sig in self._predictive(4):
-            lo = (f - 10 * sig).amin(1)[..., None].expand(-1, -1, q.numel())
-            hi = (f + 10 * sig).amax(1)[..., None].expand(-1, -1, q.numel())
+        zq = torch.special.ndtri(q)  # (nq,)
+        for rows, f, sig in self._predictive(8):
+            fq = f[..., None] + sig[..., None] * zq  # (n_c, S, Q, nq) component quantiles
+            lo, hi = fq.amin(1), fq.amax(1)  # (n_c, Q, nq)
+            x = fq.mean(1)
+            f4, s4 = f[..., None], sig[..., None]  # (n_c, S, Q, 1), (n_c, S, 1, 1)
+            dx = dx_old = hi - lo  # the last two steps (rtsafe's step-size test)
             for _ in range(iters):
-                mid = 0.5 * (lo + hi)  # (n_c, Q, nq)
-                z = (mid[:, None] - f[..., None]) / sig[..., None]  # (n_c, S, Q, nq)
-                below = torch.special.ndtr(z).mean(1) < q
-                lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-            out[rows] = 0.5 * (lo + hi)
+                z = (x[:, None] - f4) / s4  # (n_c, S, Q, nq)
+                err = torch.special.ndtr(z).mean(1) - q  # F(x) - q
+                done = err.abs() < tol
+                if bool(done.all()):
+                    break
+                dens = (torch.exp(-0.5 * z * z) / s4).mean(1) / math.sqrt(2 * math.pi)
+                lo, hi = torch.where(err < 0, x, lo), torch.where(err < 0, hi, x)
+                step = x - err / dens.clamp_min(1e-300)
+                # Newton inside the bracket while the steps at least halve, else bisection
+                newton = (step > lo) & (step < hi) & ((step - x).abs() <= 0.5 * dx_old.abs())
+                nx = torch.where(done, x, torch.where(newton, step, 0.5 * (lo + hi)))
+                dx_old, dx = dx, nx - x
+                x = nx
+            out[rows] = x
         return out
 
     def summary(self) -> dict[str, float]:

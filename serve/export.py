@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from pfn.model import PFN
 
-EXPORT_VERSION = 1  # bump when the exported graph changes for the same weights
+EXPORT_VERSION = 2  # bump when the exported graph changes for the same weights
 OPSET = 20
 INPUT_NAMES = ("t_ctx", "y_ctx", "ctx_mask", "t_qry")
 OUTPUT_NAME = "logits"

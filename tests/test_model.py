@@ -54,6 +54,21 @@ def test_training_layout_equals_inference_layout(tiny_model):
         assert torch.allclose(logits[b, c:], inf[0], atol=1e-5)
 
 
+@pytest.mark.parametrize(("b", "k", "q"), [(1, 1, 1), (3, 7, 5), (2, 31, 3)])
+def test_rows_only_last_block_equals_full_computation(tiny_model, b, k, q):
+    """predict() runs the last block on the query rows only; that must equal computing every
+    row and slicing (padded contexts included)."""
+    g = torch.Generator().manual_seed(k)
+    t, y, tq = torch.rand(b, k, generator=g), torch.rand(b, k, generator=g), torch.rand(b, q)
+    m = torch.rand(b, k, generator=g) > 0.3
+    m[:, 0] = True
+    is_ctx = torch.cat([m, torch.zeros(b, q, dtype=torch.bool)], 1)
+    full = tiny_model.head(tiny_model.hidden(torch.cat([t, tq], 1),
+                                             torch.cat([y, torch.zeros(b, q)], 1), is_ctx))
+    torch.testing.assert_close(tiny_model.predict(t, y, m, tq), full[:, k:],
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="divisible"):
         PFNConfig(d_model=30, n_heads=4)
