@@ -78,36 +78,33 @@ class Block(nn.Module):
         self.ff2 = nn.Linear(cfg.d_ff, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def attention(self, h: Tensor, mask: Tensor, attn: AttentionFn | None = None) -> Tensor:
-        """mask: (B, 1, L, L) for SDPA; with an injected ``attn`` it is is_ctx (B, L)."""
+    def attention(self, h: Tensor, mask: Tensor, attn: AttentionFn | None = None,
+                  start: int = 0) -> Tensor:
+        """mask: (B, 1, L, L) for SDPA; with an injected ``attn`` it is is_ctx (B, L). With
+        start > 0 (SDPA only) the outputs of rows start.. alone: queries come from those rows,
+        keys and values from every row."""
         B, L, E = h.shape
-        H = self.n_heads
-        q, k, v = self.qkv(h).view(B, L, 3, H, E // H).permute(2, 0, 3, 1, 4)  # 3×(B, H, L, D)
+        H, D = self.n_heads, E // self.n_heads
+        if start == 0:
+            q, k, v = self.qkv(h).view(B, L, 3, H, D).permute(2, 0, 3, 1, 4)  # 3×(B, H, L, D)
+        else:
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(h[:, start:], w[:E], b[:E]).view(B, -1, H, D).transpose(1, 2)  # (B,H,R,D)
+            k, v = F.linear(h, w[E:], b[E:]).view(B, L, 2, H, D).permute(2, 0, 3, 1, 4)
+            mask = mask[:, :, start:]  # (B, 1, R, L)
         if attn is None:
             p = self.dropout if self.training else 0.0
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         else:
             o = attn(q, k, v, mask)  # (B, H, L, D)
-        return self.proj(o.transpose(1, 2).reshape(B, L, E))  # (B, L, E)
+        return self.proj(o.transpose(1, 2).reshape(B, -1, E))  # (B, L - start, E)
 
-    def forward(self, h: Tensor, mask: Tensor, attn: AttentionFn | None = None) -> Tensor:
-        h = h + self.drop(self.attention(self.ln1(h), mask, attn))
+    def forward(self, h: Tensor, mask: Tensor, attn: AttentionFn | None = None,
+                start: int = 0) -> Tensor:
+        """The block's output for rows start.. (all rows by default); start > 0 needs SDPA (the
+        last block at inference: only the query tokens' outputs are used)."""
+        h = h[:, start:] + self.drop(self.attention(self.ln1(h), mask, attn, start))
         return h + self.drop(self.ff2(F.gelu(self.ff1(self.ln2(h)))))
-
-    def forward_rows(self, h: Tensor, mask: Tensor, start: int) -> Tensor:
-        """``forward(h, mask)[:, start:]`` without computing the other rows (SDPA, eval): the
-        last block at inference only needs the query tokens' outputs. Keys and values still
-        come from every token."""
-        B, L, E = h.shape
-        H, D = self.n_heads, E // self.n_heads
-        x = self.ln1(h)
-        w, b = self.qkv.weight, self.qkv.bias
-        q = F.linear(x[:, start:], w[:E], b[:E]).view(B, -1, H, D).transpose(1, 2)  # (B,H,R,D)
-        kv = F.linear(x, w[E:], b[E:]).view(B, L, 2, H, D)  # (B, L, 2, H, D)
-        k, v = kv.permute(2, 0, 3, 1, 4)  # 2×(B, H, L, D)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, start:])  # (B, H, R, D)
-        r = h[:, start:] + self.proj(o.transpose(1, 2).reshape(B, -1, E))  # (B, R, E)
-        return r + self.ff2(F.gelu(self.ff1(self.ln2(r))))
 
 
 def _mlp(hidden: int, out: int) -> nn.Sequential:
@@ -155,13 +152,10 @@ class PFN(nn.Module):
         attn = None if self.training else self.attention_fn
         mask = pfn_attention_mask(is_ctx) if attn is None else is_ctx  # what attention takes
         h = self.embed(t, y, is_ctx)
-        rows_only = start > 0 and attn is None and not self.training
+        rows_only = start > 0 and attn is None  # the last block computes rows start.. only
         for i, blk in enumerate(self.blocks):
-            if rows_only and i == len(self.blocks) - 1:
-                assert isinstance(blk, Block)
-                h = blk.forward_rows(h, mask, start)  # (B, L - start, E)
-            else:
-                h = blk(h, mask, attn)  # (B, L, E)
+            last = rows_only and i == len(self.blocks) - 1
+            h = blk(h, mask, attn, start if last else 0)  # (B, L, E); last: (B, L - start, E)
         if start > 0 and not rows_only:
             h = h[:, start:]  # (B, L - start, E)
         return self.ln_f(h)

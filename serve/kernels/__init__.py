@@ -14,6 +14,8 @@ Importing this package needs Triton; ``serve.runtime`` treats an ImportError as 
 
 from __future__ import annotations
 
+import torch
+
 from pfn.model import PFN
 from serve.kernels._common import MODES, KernelInputError, KernelMode
 from serve.kernels.attention import INTERPRETED, KernelAttention, pfn_attention
@@ -35,8 +37,11 @@ __all__ = [
 
 def enable_kernels(model: PFN, mode: KernelMode = "auto") -> PFN:
     """Route ``model``'s attention (eval mode: ``predict`` / ``forward``) through the kernel.
-    With "auto" the model keeps using SDPA on the CPU. Returns the model."""
-    model.set_attention(KernelAttention(mode))
+    With "auto" on a machine without CUDA this changes nothing: the model keeps its default
+    SDPA path, bit for bit (which also computes only the query rows in the last block).
+    Returns the model."""
+    fn = KernelAttention(mode)  # rejects an unknown mode
+    model.set_attention(None if mode == "auto" and not torch.cuda.is_available() else fn)
     return model
 
 
