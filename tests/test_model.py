@@ -59,7 +59,8 @@ def test_rows_only_last_block_equals_full_computation(tiny_model, b, k, q):
     """predict() runs the last block on the query rows only; that must equal computing every
     row and slicing (padded contexts included)."""
     g = torch.Generator().manual_seed(k)
-    t, y, tq = torch.rand(b, k, generator=g), torch.rand(b, k, generator=g), torch.rand(b, q)
+    t, y = torch.rand(b, k, generator=g), torch.rand(b, k, generator=g)
+    tq = torch.rand(b, q, generator=g)
     m = torch.rand(b, k, generator=g) > 0.3
     m[:, 0] = True
     is_ctx = torch.cat([m, torch.zeros(b, q, dtype=torch.bool)], 1)
