@@ -28,7 +28,13 @@ Protocol, per task (all curves with the same ``task``; one curve = one trial):
   ``epochs_to_target``: the denominator of the speed-up.
 
 Policies: ``none``; ``curvecast-d<delta>`` (the paper's rule at several confidence levels; the
-incumbent is the best value revealed so far, this trial's included); ``patience-<k>`` (stop
+incumbent is the best value revealed so far, this trial's included); ``curvecast-cal<s>-d<delta>``
+(the same rule with the API's online calibration, ``pfn.early_stop.Calibrator``, learned per
+ordering from the trials that reached their horizon; the first s trials are never stopped;
+``cal0x``: the two-sided variant, where the calibrated probability alone decides);
+``curvecast-[d<delta>-]ei<g>`` (family ``gain``, not in the defaults: the API's
+``expected_improvement`` rule with a gain of g per full run, alone or OR'ed with the paper's);
+``patience-<k>`` (stop
 a trial after k points without improving on its own best; k = 0 stops at the first point
 that does not improve); Optuna's ``MedianPruner``, ``SuccessiveHalvingPruner`` and
 ``HyperbandPruner`` (defaults; real Optuna studies driven with ask/report/should_prune/tell).
@@ -61,14 +67,27 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from pfn import Curve, Predictor  # noqa: E402
-from pfn.early_stop import MAX_CHECKED_EPOCHS, checked_epochs, decide  # noqa: E402
+from pfn.early_stop import (  # noqa: E402
+    MAX_CHECKED_EPOCHS,
+    Z_SCALE,
+    Calibrator,
+    checked_epochs,
+    decide,
+)
+from pfn.predictor import Posterior  # noqa: E402
 
 BUDGET_RUNS = 20  # the budget, in full runs
 DEFAULT_DELTAS = (0.01, 0.05, 0.1)
 PATIENCES = (0, 1, 5, 10, 20, 50)
 OPTUNA_PRUNERS = ("median", "successive_halving", "hyperband")
+POLICY_FAMILIES = ("curvecast", "calibrated", "gain", "patience", "optuna")
+GAINS = (0.01, 0.03)  # expected final-value gain worth a full run, in regret units
+# (startup trials, prior weight, two-sided) of the calibrated policies: cal0 and cal2 use the
+# API's veto-only semantics, cal0x is the two-sided variant the API does not offer
+CALIBRATED_VARIANTS = ((0, 10.0, False), (2, 10.0, False), (0, 1.0, True))
 BATCH = 128  # curves per forward pass
 BENCH_CHECKED_EPOCHS = 8  # remaining epochs checked per decision in the replay (cost ~ tokens)
+TAIL_GRID = np.geomspace(0.99, 1e-6, 61)  # P(final improves) levels, calibrated policies
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +323,10 @@ class ThresholdCache:
         self.deltas = np.asarray(deltas, dtype=np.float64)
         self.max_checked = max_checked
         self.cache: dict[tuple[int, int], np.ndarray] = {}
+        # the prediction of the final value, in policy units (higher is better): quantiles
+        # at P(improve) = TAIL_GRID (ascending), median, scale; and the final's score
+        self.final: dict[tuple[int, int], tuple[np.ndarray, float, float]] = {}
+        self.score: dict[tuple[int, int], float] = {}  # z of the final (trials at horizon)
         self.stats = stats or InferenceStats()
 
     def curve(self, i: int, k: int) -> Curve:
@@ -325,15 +348,50 @@ class ThresholdCache:
             post, starts = self.predictor.posterior_all([self.curve(i, k) for i, k in chunk])
             q = sign * post.quantile(np.repeat(levels[None, :], len(post), axis=0))
             thr = np.maximum.reduceat(q, np.asarray(starts[:-1]), axis=0)  # (len(chunk), nd)
+            h = np.asarray(starts[1:]) - 1  # each curve's horizon row
+            fin = Posterior(post.bar, post.logits[h], post.scale[h], post.offset[h],
+                            post.query_epochs[h])
+            lv = np.concatenate([1.0 - TAIL_GRID, [0.05, 0.5, 0.95]])
+            fq = sign * fin.quantile(np.repeat((lv if sign > 0 else 1.0 - lv)[None, :],
+                                               len(chunk), axis=0))
+            med, scale = fq[:, -2], np.abs(fq[:, -1] - fq[:, -3]) / Z_SCALE
+            fv = sign * np.array([self.final_value(i) for i, _ in chunk])
             self.stats.forward_s += time.perf_counter() - t0
             self.stats.forward_cpu_s += time.process_time() - c0
             self.stats.computed += len(chunk)
             self.stats.batches += 1
-            for p, row in zip(chunk, thr, strict=True):
-                self.cache[p] = row
+            for j, p in enumerate(chunk):
+                self.cache[p] = thr[j]
+                self.final[p] = (fq[j, :-3], float(med[j]), float(max(scale[j], 1e-9)))
+                if math.isfinite(fv[j]):
+                    self.score[p] = (float(fv[j]) - float(med[j])) / float(max(scale[j], 1e-9))
+
+    def final_value(self, i: int) -> float:
+        """The model-units value a trial reached at its horizon (NaN if it ended before)."""
+        t = self.task
+        last = t.lengths[i] - 1
+        return float(t.model_values[i, last]) if t.x[i, last] >= t.horizon[i] else math.nan
+
+    def final_prob_and_score(self, i: int, k: int, inc: float) -> tuple[float, float]:
+        """The model's P(final improves on inc) (interpolated in log P on TAIL_GRID) and the
+        incumbent's score, for the prediction from trial i's first k points."""
+        gq, med, scale = self.final[(i, k)]
+        logp = np.interp(inc, gq, np.log(TAIL_GRID))  # gq ascends as P(improve) falls
+        return float(math.exp(logp)), (inc - med) / scale
 
     def get(self, i: int, k: int) -> np.ndarray:
         return self.cache[(i, k)]
+
+    def expected_improvement(self, i: int, k: int, inc: float) -> float:
+        """E[max(0, final - inc)] (policy units) from the cached final-value quantiles:
+        the integral of P(final > v) over v > inc (trapezoids on TAIL_GRID's quantiles; P
+        taken as 1 below the lowest one)."""
+        gq = self.final[(i, k)][0]
+        tau = TAIL_GRID
+        below = max(gq[0] - inc, 0.0)  # P(final > v) ~ 1 there
+        x = np.concatenate([[max(inc, gq[0])], gq[gq > inc]])
+        p = np.concatenate([[np.interp(x[0], gq, tau)], tau[gq > inc]])
+        return below + float(np.sum(0.5 * (p[1:] + p[:-1]) * np.diff(x)))
 
 
 class CurvecastPolicy(Policy):
@@ -350,6 +408,90 @@ class CurvecastPolicy(Policy):
         self.cache.stats.answered += len(need)
         return [r.k >= self.min_epochs and r.best_s >= self.cache.get(*p)[self.j]
                 for p, r in zip(pairs, rs, strict=True)]
+
+
+class GainPolicy(Policy):
+    """The API's ``expected_improvement`` rule with ``min_gain_per_epoch = gain / horizon``
+    (a per-task scale: ``gain`` is the expected improvement of the final value, in the regret
+    units, worth one full run of compute), alone or OR'ed with the all-epochs rule at delta
+    index ``j`` (stop when either fires)."""
+
+    def __init__(self, cache: ThresholdCache, gain: float, j: int | None = None,
+                 min_epochs: int = 2) -> None:
+        self.cache = cache
+        self.gain = gain
+        self.j = j
+        self.min_epochs = min_epochs
+        self.name = (f"curvecast-ei{gain:g}" if j is None
+                     else f"curvecast-d{cache.deltas[j]:g}-ei{gain:g}")
+
+    def decide(self, rs: list[Replay], task: Task) -> list[bool]:
+        pairs = [(r.trial(), r.k) for r in rs]
+        need = [p for p, r in zip(pairs, rs, strict=True) if r.k >= self.min_epochs]
+        self.cache.compute(need)
+        self.cache.stats.answered += len(need)
+        out = []
+        for (i, k), r in zip(pairs, rs, strict=True):
+            if k < self.min_epochs:
+                out.append(False)
+                continue
+            if self.j is not None and r.best_s >= self.cache.get(i, k)[self.j]:
+                out.append(True)
+                continue
+            h = float(task.horizon[i])
+            remaining = (h - float(task.x[i, k - 1])) / h  # fraction of a full run
+            ei = self.cache.expected_improvement(i, k, r.best_s)
+            out.append(ei <= self.gain * remaining)
+        return out
+
+
+class CalibratedPolicy(Policy):
+    """The all-epochs rule, with the final value's P(improve) recalibrated online
+    (``pfn.early_stop.Calibrator``) from the trials of the same ordering that reached their
+    horizon (causal, per ordering). Veto-only (the API's semantics): stop when the model's rule
+    and the calibrated probability are both <= delta. ``two_sided``: once the calibrator has a
+    trial, stop when the calibrated probability alone is <= delta. The first ``startup``
+    trials of an ordering are never stopped (the calibration's first data)."""
+
+    def __init__(self, cache: ThresholdCache, j: int, min_epochs: int = 2,
+                 prior_weight: float = 10.0, startup: int = 1, two_sided: bool = False) -> None:
+        self.cache = cache
+        self.j = j
+        self.delta = float(cache.deltas[j])
+        self.min_epochs = min_epochs
+        self.prior_weight = prior_weight
+        self.startup = startup
+        self.two_sided = two_sided
+        self.name = f"curvecast-cal{startup}{'x' if two_sided else ''}-d{self.delta:g}"
+
+    def start(self, r: Replay, task: Task, i: int) -> None:
+        r.ctx.setdefault("cal", Calibrator(self.prior_weight))
+
+    def end(self, r: Replay, task: Task, i: int, completed: bool) -> None:
+        ks = [k for k in range(self.min_epochs, r.k) if (i, k) in self.cache.score]
+        if completed and ks:
+            r.ctx["cal"].add([task.x[i, k - 1] / task.horizon[i] for k in ks],
+                             [self.cache.score[(i, k)] for k in ks])
+
+    def decide(self, rs: list[Replay], task: Task) -> list[bool]:
+        pairs = [(r.trial(), r.k) for r in rs]
+        need = [p for p, r in zip(pairs, rs, strict=True) if r.k >= self.min_epochs]
+        self.cache.compute(need)
+        self.cache.stats.answered += len(need)
+        out = []
+        for (i, k), r in zip(pairs, rs, strict=True):
+            if k < self.min_epochs or r.trials_started <= self.startup:
+                out.append(False)
+                continue
+            cal = r.ctx["cal"]
+            model_stop = bool(r.best_s >= self.cache.get(i, k)[self.j])
+            if cal.trials == 0 or not (model_stop or self.two_sided):
+                out.append(model_stop)
+                continue
+            p, z = self.cache.final_prob_and_score(i, k, r.best_s)
+            pc = cal.prob_improve(task.x[i, k - 1] / task.horizon[i], p, z)
+            out.append(bool(pc <= self.delta))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,9 +599,15 @@ def run_task(task: Task, predictor: Predictor | None, policies: Sequence[str],
     orders = np.stack([rng.permutation(task.n) for _ in range(orderings)])
     stats = InferenceStats()
     todo: list[Policy] = [Policy()]
-    if "curvecast" in policies and predictor is not None:
+    if predictor is not None and {"curvecast", "calibrated", "gain"} & set(policies):
         cache = ThresholdCache(predictor, task, deltas, max_checked, stats)
-        todo += [CurvecastPolicy(cache, j) for j in range(len(deltas))]
+        if "curvecast" in policies:
+            todo += [CurvecastPolicy(cache, j) for j in range(len(deltas))]
+        if "gain" in policies:
+            todo += [GainPolicy(cache, g, j) for g in GAINS for j in (None, *range(len(deltas)))]
+        if "calibrated" in policies:
+            todo += [CalibratedPolicy(cache, j, startup=st, prior_weight=w, two_sided=x)
+                     for st, w, x in CALIBRATED_VARIANTS for j in range(len(deltas))]
     if "patience" in policies:
         todo += [Patience(k) for k in PATIENCES]
     if "optuna" in policies:
@@ -500,7 +648,7 @@ def compact(rows: Sequence[dict[str, Any]]) -> str:
         return f"{sp} / {100 * r['regret']:.2f}%"
 
     cc = sorted({p for t in by_task.values() for p in t if p.startswith("curvecast")},
-                key=lambda p: float(p.split("-d")[1]))
+                key=lambda p: (p.replace("-ei", "~").split("-d")[0], p))
     cols = cc + ["best patience", "optuna-median", "optuna-sha", "optuna-hyperband"]
     out = ["| task | trials | budget | none: regret | " + " | ".join(cols) + " |",
            "|---|---:|---:|---:|" + "---:|" * len(cols)]
@@ -564,8 +712,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--orderings", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--deltas", default=",".join(map(str, DEFAULT_DELTAS)))
-    ap.add_argument("--policies", default="curvecast,patience,optuna",
-                    help="which families besides 'none': curvecast, patience, optuna")
+    ap.add_argument("--policies", default="curvecast,calibrated,patience,optuna",
+                    help="which families besides 'none': " + ", ".join(POLICY_FAMILIES))
     ap.add_argument("--values", choices=("y", "raw"), default="y")
     ap.add_argument("--filter-flat", action="store_true",
                     help="keep complete curves with range > 0.02 only (the data's usual filter)")
@@ -582,15 +730,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--curves is required (or --render FILE...)")
     torch.set_num_threads(a.threads)
     policies = [p.strip() for p in a.policies.split(",") if p.strip()]
-    unknown = set(policies) - {"curvecast", "patience", "optuna"}
+    unknown = set(policies) - set(POLICY_FAMILIES)
     if unknown:
-        ap.error(f"--policies: unknown {sorted(unknown)}; use curvecast, patience, optuna")
+        ap.error(f"--policies: unknown {sorted(unknown)}; use {', '.join(POLICY_FAMILIES)}")
     deltas = [float(x) for x in a.deltas.split(",") if x]
     tasks = load_tasks(a.curves, a.values, [t for t in a.tasks.split(",") if t],
                        a.min_trials, a.filter_flat)
     if a.max_tasks:
         tasks = tasks[: a.max_tasks]
-    predictor = Predictor.load(a.model) if "curvecast" in policies else None
+    uses_model = {"curvecast", "calibrated", "gain"} & set(policies)
+    predictor = Predictor.load(a.model) if uses_model else None
     rows: list[dict[str, Any]] = []
     total = InferenceStats()
     t_all = time.perf_counter()

@@ -1,7 +1,7 @@
 """Prune an Optuna study with curvecast: trials predicted not to beat the best so far stop early.
 
     pip install 'curvecast[optuna]'
-    python examples/optuna_pruner.py [--trials 20] [--epochs 20]
+    python examples/optuna_pruner.py [--trials 20] [--epochs 20] [--no-calibrate]
 
 A small MLP is trained on a synthetic classification task; each trial tries a learning rate and
 a width, reports validation accuracy after every epoch, and asks the pruner whether to go on.
@@ -60,10 +60,13 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--delta", type=float, default=0.05)
+    ap.add_argument("--no-calibrate", action="store_true",
+                    help="decide with the model alone (no calibration on completed trials)")
     a = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(1)  # tiny batches: one thread is fastest, and kind to a shared CPU
-    pruner = CurvecastPruner(a.epochs, rule=StopRule(delta=a.delta), bounds=(0.0, 1.0))
+    pruner = CurvecastPruner(a.epochs, rule=StopRule(delta=a.delta), bounds=(0.0, 1.0),
+                             calibrate=not a.no_calibrate)
     study = optuna.create_study(direction="maximize", pruner=pruner,
                                 sampler=optuna.samplers.TPESampler(seed=0))
     study.optimize(make_objective(a.epochs), n_trials=a.trials)

@@ -203,7 +203,183 @@ def decision_from_dict(obj: Mapping[str, Any] | Decision) -> Decision:
 
 
 # ---------------------------------------------------------------------------------------------
+# online calibration from the study's own completed trials
+
+CALIBRATION_MATCH = 1.5  # a prefix matches a decision within this factor of its progress
+
+
+class Calibrator:
+    """Recalibrates P(final value improves) with what the study's completed trials showed.
+
+    The model was trained on synthetic curves; on a real task its prediction of the final value
+    can be systematically off, e.g. far too low and too sure for runs that start slowly. For
+    every trial that reached its horizon, ``add`` takes its *scores*: ``z = (final - median) /
+    scale`` of the prediction made from each of its prefixes (median and scale of the predicted
+    final value, ``scale = (q95 - q05) / 3.29``, the sign flipped for "min" so that z > 0 means
+    "better than predicted"), with the prefix's *progress* (last epoch / horizon).
+
+    A decision at progress p compares the incumbent's score with the completed trials' scores
+    *from the same point of their runs*: each trial contributes the score of its prefix nearest
+    to p in log-progress, if within a factor ``match`` of p. With W such trials, the calibrated
+    probability that the final value improves on the incumbent mixes the model's with the
+    observed frequency of scores at least as good as the incumbent's, the model counting as
+    ``prior_weight`` pseudo-trials (a conformal-style estimate that also extrapolates beyond
+    the model's tails):
+
+        P = (prior_weight * p_model + #{trials: z_i >= z_incumbent}) / (prior_weight + W)
+
+    With no matching trial it is the model's probability. Torch-free; ``state_dict`` gives the
+    plain-list state.
+    """
+
+    def __init__(self, prior_weight: float = 10.0, match: float = CALIBRATION_MATCH) -> None:
+        for name, v, lo in (("prior_weight", prior_weight, 0.0), ("match", match, 1.0)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) \
+                    or not (math.isfinite(v) and v > lo):
+                raise CurveError(None, f"calibration.{name}", f"must be a number > {lo:g}, got "
+                                 f"{v!r}", "use e.g. 10 for prior_weight (pseudo-trials of the "
+                                 "model) and 1.5 for match (a factor of progress)")
+        self.prior_weight = float(prior_weight)
+        self.match = float(match)
+        self.progress: list[list[float]] = []  # per trial, ascending
+        self.z: list[list[float]] = []
+        self._flat: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._memo: dict[float, np.ndarray] = {}
+
+    @property
+    def trials(self) -> int:
+        return len(self.z)
+
+    def add(self, progress: Any, z: Any) -> None:
+        """One completed trial: the score of its final value at each prefix's progress."""
+        p = np.asarray(progress, dtype=np.float64).ravel()
+        zz = np.asarray(z, dtype=np.float64).ravel()
+        if p.shape != zz.shape:
+            raise CurveError(None, "calibration", f"{p.size} progress values for {zz.size} "
+                             "scores", "pass one progress per score")
+        ok = np.isfinite(p) & (p > 0) & ~np.isnan(zz)
+        if not ok.any():
+            return
+        o = np.argsort(p[ok], kind="stable")
+        self.progress.append(p[ok][o].tolist())
+        self.z.append(zz[ok][o].tolist())
+        self._flat = None
+        self._memo.clear()
+
+    def scores_at(self, progress: float) -> np.ndarray:
+        """The matching trials' scores for a decision at ``progress``, sorted (memoised)."""
+        key = float(progress)
+        if key in self._memo:
+            return self._memo[key]
+        if self._flat is None:
+            counts = np.array([len(x) for x in self.z])
+            self._flat = (np.log(np.concatenate(self.progress)), np.concatenate(self.z),
+                          np.repeat(np.arange(len(counts)), counts),
+                          np.concatenate([[0], np.cumsum(counts)[:-1]]))
+        lp, zs, tid, starts = self._flat
+        d = np.abs(lp - math.log(max(key, 1e-12)))
+        seg_min = np.minimum.reduceat(d, starts)
+        hit = np.flatnonzero((d == seg_min[tid]) & (d <= math.log(self.match)))
+        _, first = np.unique(tid[hit], return_index=True)  # one prefix per trial
+        out = np.sort(zs[hit[first]])
+        self._memo[key] = out
+        return out
+
+    def prob_improve(self, progress: Any, p_model: Any, z_incumbent: Any) -> np.ndarray:
+        """Calibrated P(final improves); arrays broadcast (one progress per entry)."""
+        pr, pm, zi = np.broadcast_arrays(np.asarray(progress, dtype=np.float64),
+                                         np.asarray(p_model, dtype=np.float64),
+                                         np.asarray(z_incumbent, dtype=np.float64))
+        out = np.array(pm, dtype=np.float64, copy=True)
+        if not self.z:
+            return out
+        for idx in np.ndindex(pr.shape):
+            zs = self.scores_at(float(pr[idx]))
+            hits = zs.size - np.searchsorted(zs, zi[idx], side="left")  # z_i >= z_inc
+            out[idx] = (self.prior_weight * pm[idx] + hits) / (self.prior_weight + zs.size)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"prior_weight": self.prior_weight, "match": self.match,
+                "progress": self.progress, "z": self.z}
+
+    @classmethod
+    def from_state_dict(cls, d: Mapping[str, Any]) -> Calibrator:
+        c = cls(d["prior_weight"], d["match"])
+        for p, z in zip(d["progress"], d["z"], strict=True):
+            c.add(p, z)
+        return c
+
+
+Z_SCALE = 2 * 1.6448536269514722  # (q95 - q05) of a standard normal
+
+
+def final_score(final: Any, median: Any, q05: Any, q95: Any, direction: Any) -> np.ndarray:
+    """z = (final - median) / ((q95 - q05) / 3.29), positive when better than predicted."""
+    scale = np.maximum((np.asarray(q95, float) - np.asarray(q05, float)) / Z_SCALE, 1e-9)
+    z = (np.asarray(final, float) - np.asarray(median, float)) / scale
+    return np.where(np.asarray(direction) == "min", -z, z)
+
+
+def calibration_prefixes(curve: Curve, min_epochs: int = 2,
+                         max_prefixes: int = 16) -> tuple[list[Curve], np.ndarray, float]:
+    """The prefixes of a trial that reached its horizon, for ``Calibrator.add``: (prefix
+    curves, their progress, the final value). Up to ``max_prefixes`` prefixes, log-spaced over
+    the ones with ``min_epochs`` points or more; none when the trial has not reached its
+    horizon or has fewer than ``min_epochs + 1`` points."""
+    e = np.asarray(curve.epochs, dtype=np.float64)
+    v = np.asarray(curve.values, dtype=np.float64)
+    keep = ~np.isnan(v)
+    e, v = e[keep], v[keep]
+    h = float(curve.horizon)
+    if e.size < min_epochs + 1 or e[-1] < h:
+        return [], np.zeros(0), math.nan
+    ks = np.arange(min_epochs, e.size)  # points in the prefix; the last point is the target
+    if ks.size > max_prefixes:  # log-spaced: the early bins, where decisions matter, get more
+        ks = np.unique(np.round(np.geomspace(ks[0], ks[-1], max_prefixes)).astype(int))
+    prefixes = [replace(curve, epochs=e[:k], values=v[:k], query_epochs=None) for k in ks]
+    return prefixes, e[ks - 1] / h, float(v[-1])
+
+
+# ---------------------------------------------------------------------------------------------
 # the decision
+
+
+CAL_LEVELS: tuple[float, ...] = (0.05, 0.5, 0.95)  # final quantiles the scores need
+
+
+def calibrate_decision(d: Decision, calibrator: Calibrator, curve: Curve, incumbent: float | None,
+                       rule: StopRule) -> Decision:
+    """``d`` with the final value's P(improve) recalibrated by ``calibrator`` (nothing changes
+    before it has a completed trial, without an incumbent, for a complete trial or for the
+    "expected_improvement" rule). The probabilities become ``max(model's, calibrated)``, so
+    calibration only ever keeps running a trial the model alone would stop; ``d`` needs the
+    final quantiles ``CAL_LEVELS``."""
+    o = _observed(curve)
+    inc = math.nan if incumbent is None else float(incumbent)
+    fq = d.final_quantiles
+    if (calibrator.trials == 0 or o is None or not math.isfinite(inc)
+            or rule.kind == "expected_improvement" or any(q not in fq for q in CAL_LEVELS)):
+        return d
+    h = float(curve.horizon)
+    last, _ = o
+    if last >= h:
+        return d
+    z = final_score(inc, fq[0.5], fq[0.05], fq[0.95], getattr(curve, "direction", "max"))
+    pc = float(calibrator.prob_improve(last / h, d.prob_improve_final, z))
+    pa, pf = max(d.prob_improve, pc), max(d.prob_improve_final, pc)
+    p_rule = pa if rule.kind == "all_epochs" else pf
+    stop = d.stop and p_rule <= rule.delta
+    reason = d.reason
+    if d.stop and not stop:
+        reason = (f"the model's rule would stop, but calibrated on {calibrator.trials} completed "
+                  f"trial(s) P(final value improves) = {pc:.3g} > {rule.delta:g}")
+    elif stop:
+        reason += f"; calibrated P(final value improves) = {pc:.3g}"
+    return replace(d, stop=stop, prob_improve=pa, prob_improve_final=pf, reason=reason,
+                   expected_remaining_epochs=0.0 if stop else max(h - last, 0.0))
+
+
 
 
 def _incumbent(x: Any, i: int) -> float:
@@ -267,8 +443,10 @@ def decide(
     incumbents: Sequence[float | None],
     rule: StopRule = StopRule(),
     quantiles: Sequence[float] = DEFAULT_QUANTILES,
+    calibrator: Calibrator | None = None,
 ) -> list[Decision]:
-    """One decision per trial, for the whole batch in one predictor call."""
+    """One decision per trial, for the whole batch in one predictor call; with a
+    ``calibrator``, each decision goes through ``calibrate_decision``."""
     n = len(curves)
     if n == 0:
         raise CurveError(None, "curves", "is empty", "send at least one curve")
@@ -281,6 +459,8 @@ def decide(
     from pfn.predictor import Posterior  # torch: imported only where inference happens
 
     levels = _quantile_levels(quantiles)
+    if calibrator is not None:
+        levels = tuple(dict.fromkeys(levels + CAL_LEVELS))
     inc = np.array([_incumbent(x, i) for i, x in enumerate(incumbents)], dtype=np.float64)
     obs = [_observed(c) for c in curves]
     queried = []
@@ -357,6 +537,12 @@ def decide(
             reason=reason,
             expected_improvement=e_i,
         ))
+    if calibrator is not None:
+        asked = set(_quantile_levels(quantiles))
+        out = [calibrate_decision(d, calibrator, c, None if math.isnan(x) else float(x), rule)
+               for d, c, x in zip(out, curves, inc, strict=True)]
+        for d in out:
+            d.final_quantiles = {q: v for q, v in d.final_quantiles.items() if q in asked}
     return out
 
 
@@ -395,7 +581,13 @@ def early_stop_json(predictor: Predictor, obj: Any, name: str = "default") -> di
 
 
 __all__ = [
+    "CALIBRATION_MATCH",
+    "CAL_LEVELS",
     "DEFAULT_QUANTILES",
+    "Calibrator",
+    "calibrate_decision",
+    "calibration_prefixes",
+    "final_score",
     "MAX_CHECKED_EPOCHS",
     "RULE_KINDS",
     "Decision",

@@ -12,14 +12,18 @@ import torch
 
 from pfn import Curve, CurveError, Predictor
 from pfn.early_stop import (
+    CAL_LEVELS,
+    Calibrator,
     Decision,
     StopRule,
+    calibration_prefixes,
     checked_epochs,
     curve_to_dict,
     decide,
     decision_from_dict,
     decision_to_dict,
     early_stop_json,
+    final_score,
     rule_from_dict,
     rule_to_dict,
 )
@@ -179,3 +183,93 @@ def test_json_rejects_bad_requests(pred: Predictor, req: dict, field: str) -> No
     with pytest.raises(CurveError) as e:
         early_stop_json(pred, req)
     assert e.value.field == field
+
+
+# ---------------------------------------------------------------------------------------------
+# online calibration
+
+
+def test_calibrator_formula_matching_and_state() -> None:
+    cal = Calibrator(prior_weight=4.0, match=1.5)
+    p = np.array([0.2, 0.01])
+    assert np.allclose(cal.prob_improve(0.05, p, [1.0, 9.0]), p)  # empty: the model's
+    cal.add([0.05, 0.1, 0.4], [5.0, 1.0, -2.0])  # trial 1
+    cal.add([0.06, 0.5], [3.0, 0.0])  # trial 2
+    cal.add([0.9], [7.0])  # trial 3: only late prefixes
+    assert cal.trials == 3
+    # at progress 0.055 trial 1 matches with its 0.05 prefix (z 5), trial 2 with 0.06 (z 3);
+    # trial 3 is too far (0.9 > 1.5 x 0.055)
+    assert np.allclose(cal.scores_at(0.055), [3.0, 5.0])
+    for z_inc, hits in ((6.0, 0), (5.0, 1), (4.0, 1), (3.0, 2), (-1.0, 2)):
+        got = cal.prob_improve(0.055, 0.01, z_inc)
+        assert float(got) == pytest.approx((4 * 0.01 + hits) / (4 + 2))
+    assert np.allclose(cal.scores_at(0.45), [-2.0, 0.0])  # nearest in log-progress
+    assert np.allclose(cal.scores_at(0.8), [7.0])
+    assert cal.scores_at(0.2).size == 0  # 0.1 and 0.4 are both off by a factor of 2
+    assert float(cal.prob_improve(0.2, 0.1, -3.0)) == pytest.approx(0.1)
+    # vectorised over progress, and the state survives a JSON round trip
+    got = cal.prob_improve([0.055, 0.45], [0.01, 0.1], [3.0, -3.0])
+    back = Calibrator.from_state_dict(json.loads(json.dumps(cal.state_dict())))
+    assert np.allclose(back.prob_improve([0.055, 0.45], [0.01, 0.1], [3.0, -3.0]), got)
+    assert back.trials == 3
+
+
+@pytest.mark.parametrize("kw, field", [({"prior_weight": 0}, "calibration.prior_weight"),
+                                       ({"match": 1.0}, "calibration.match"),
+                                       ({"prior_weight": float("nan")},
+                                        "calibration.prior_weight")])
+def test_calibrator_validation(kw: dict, field: str) -> None:
+    with pytest.raises(CurveError, match=field.replace(".", r"\.")):
+        Calibrator(**kw)
+
+
+def test_calibration_prefixes() -> None:
+    full = Curve(np.arange(1, 41), np.linspace(0.1, 0.8, 40), horizon=40, bounds=(0, 1))
+    pre, prog, final = calibration_prefixes(full, min_epochs=2, max_prefixes=16)
+    assert 12 <= len(pre) <= 16 and final == pytest.approx(0.8)
+    n_pts = [len(np.asarray(c.epochs)) for c in pre]
+    assert n_pts[:4] == [2, 3, 4, 5] and n_pts[-1] == 39 and n_pts == sorted(set(n_pts))
+    assert np.allclose(prog, [float(np.asarray(c.epochs)[-1]) / 40 for c in pre])
+    short = Curve(np.arange(1, 11), np.linspace(0.1, 0.8, 10), horizon=40, bounds=(0, 1))
+    assert calibration_prefixes(short)[0] == []  # never reached its horizon
+
+
+@pytest.mark.parametrize("direction", ["max", "min"])
+def test_calibration_keeps_a_slow_starter_the_model_would_stop(pred: Predictor,
+                                                               direction: str) -> None:
+    """A study whose completed runs all started flat and took off late: a new flat start is
+    stopped by the model alone, kept once the calibrator has seen such runs. Calibration never
+    stops what the model keeps."""
+    h = 60.0
+    e = np.arange(1, 61, dtype=float)
+    sign = 1.0 if direction == "max" else -1.0
+    base = 0.0 if direction == "max" else 1.0
+
+    def slow(top: float) -> np.ndarray:  # ~flat for 10 epochs, then a sigmoid take-off
+        return base + sign * (0.005 + top / (1 + np.exp(-(e - 20) / 4)))
+
+    def curve(v: np.ndarray, n: int) -> Curve:
+        return Curve(e[:n], v[:n], horizon=h, direction=direction, bounds=(0, 1))  # type: ignore[arg-type]
+
+    inc = float(slow(0.7)[-1])
+    new = curve(slow(0.75), 5)  # indistinguishable from the others after 5 epochs
+    raw = decide(pred, [new], [inc])[0]
+    assert raw.stop  # the model, trained on curves without slow starts, gives up on it
+    cal = Calibrator()
+    for top in (0.6, 0.7, 0.8):
+        pre, prog, final = calibration_prefixes(curve(slow(top), 60))
+        ds = decide(pred, pre, [final] * len(pre))
+        fq = np.array([[d.final_quantiles[q] for q in CAL_LEVELS] for d in ds])
+        cal.add(prog, final_score(final, fq[:, 1], fq[:, 0], fq[:, 2], direction))
+    kept = decide(pred, [new], [inc], calibrator=cal)[0]
+    assert not kept.stop and kept.prob_improve > 0.05 and "calibrated on 3" in kept.reason
+    assert kept.expected_remaining_epochs == pytest.approx(55.0)
+    assert set(kept.final_quantiles) == {0.05, 0.5, 0.95}
+    # a trial the model keeps stays kept, and its probabilities only grow
+    good = curve(slow(0.9), 40)
+    a, b = decide(pred, [good], [inc])[0], decide(pred, [good], [inc], calibrator=cal)[0]
+    assert not a.stop and not b.stop and b.prob_improve >= a.prob_improve
+    # a trial far worse than anything seen is still stopped
+    bad = Curve(e[:30], np.full(30, base + sign * 0.02), horizon=h, direction=direction,  # type: ignore[arg-type]
+                bounds=(0, 1))
+    assert decide(pred, [bad], [inc], calibrator=cal)[0].stop

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pfn import Curve, Predictor
-from pfn.early_stop import MAX_CHECKED_EPOCHS, StopRule, decide
+from pfn.early_stop import MAX_CHECKED_EPOCHS, StopRule, decide, final_score
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "early_stopping.py"
 
@@ -100,21 +100,29 @@ def test_replay_protocol_invariants(es, tmp_path: Path) -> None:  # type: ignore
             assert r["speedup"] == pytest.approx(e_none / e)
 
 
+def cached_task(es, pred: Predictor, tmp_path: Path, minimise: bool, seed: int,  # type: ignore[no-untyped-def]
+                deltas: tuple[float, ...]) -> tuple:
+    """A 6-trial synthetic task, its ThresholdCache filled at 2, 5 and 9 points, the pairs,
+    and for each pair the Curve the model saw."""
+    f = write(tmp_path / "c.npz", synthetic(n=6, T=12, seed=seed, minimise=minimise,
+                                            ragged=False))
+    task = es.load_tasks(f, values="raw", min_trials=1)[0]
+    cache = es.ThresholdCache(pred, task, deltas, max_checked=MAX_CHECKED_EPOCHS)
+    pairs = [(i, k) for i in range(task.n) for k in (2, 5, 9)]
+    cache.compute(pairs)
+    curves = [Curve(task.x[i, :k], task.model_values[i, :k], float(task.horizon[i]),
+                    direction=task.direction, bounds=task.bounds) for i, k in pairs]
+    return task, cache, pairs, curves
+
+
 @pytest.mark.parametrize("minimise", [False, True])
 def test_threshold_shortcut_equals_decide(es, pred: Predictor, tmp_path: Path,
                                           minimise: bool) -> None:  # type: ignore[no-untyped-def]
     """The cached incumbent thresholds give exactly decide()'s all-epochs verdicts."""
-    f = write(tmp_path / "c.npz", synthetic(n=6, T=12, seed=3, minimise=minimise,
-                                            ragged=False))
-    task = es.load_tasks(f, values="raw", min_trials=1)[0]
     deltas = (0.05, 0.3)
-    cache = es.ThresholdCache(pred, task, deltas, max_checked=MAX_CHECKED_EPOCHS)
-    pairs = [(i, k) for i in range(task.n) for k in (2, 5, 9)]
-    cache.compute(pairs)
+    task, cache, pairs, curves = cached_task(es, pred, tmp_path, minimise, 3, deltas)
     sign = -1.0 if minimise else 1.0
-    for i, k in pairs:
-        c = Curve(task.x[i, :k], task.model_values[i, :k], float(task.horizon[i]),
-                  direction=task.direction, bounds=task.bounds)
+    for (i, k), c in zip(pairs, curves, strict=True):
         thr = cache.get(i, k)
         for j, delta in enumerate(deltas):
             # incumbents just below and above the threshold, in the metric's units
@@ -133,6 +141,7 @@ def test_json_rows_on_a_curve_file(es, tmp_path: Path,
     doc = json.loads(capsys.readouterr().out)
     assert doc == json.loads(out.read_text())
     policies = ["none", "curvecast-d0.05", "curvecast-d0.2"] + \
+        [f"curvecast-cal{v}-d{d}" for v in ("0", "2", "0x") for d in ("0.05", "0.2")] + \
         [f"patience-{k}" for k in es.PATIENCES] + ["optuna-median", "optuna-sha",
                                                    "optuna-hyperband"]
     got = [(r["task"], r["policy"]) for r in doc["rows"]]
@@ -144,3 +153,28 @@ def test_json_rows_on_a_curve_file(es, tmp_path: Path,
     inf = doc["inference"]
     assert inf["decisions"] >= inf["model_evaluations"] > 0
     assert inf["ms_single_decision_batch1"] > 0
+
+
+@pytest.mark.parametrize("minimise", [False, True])
+def test_calibrated_policy_pieces_match_the_api(es, pred: Predictor, tmp_path: Path,
+                                                minimise: bool) -> None:  # type: ignore[no-untyped-def]
+    """The replay's cached scores and final-value probabilities are the API's, and the
+    calibrated policy keeps the raw rule's verdicts while its calibrator is empty."""
+    task, cache, pairs, curves = cached_task(es, pred, tmp_path, minimise, 4, (0.05,))
+    sign = -1.0 if minimise else 1.0
+    for (i, k), c in zip(pairs, curves, strict=True):
+        final = float(task.model_values[i, -1])
+        d = decide(pred, [c], [final])[0]
+        fq = d.final_quantiles
+        z = final_score(final, fq[0.5], fq[0.05], fq[0.95], task.direction)
+        assert cache.score[(i, k)] == pytest.approx(float(z), rel=1e-3, abs=1e-3)
+        # P(final improves) at an incumbent near the predicted median: interpolated, close
+        inc = fq[0.5]
+        p, zi = cache.final_prob_and_score(i, k, sign * inc)
+        assert p == pytest.approx(decide(pred, [c], [inc])[0].prob_improve_final, abs=0.02)
+        assert zi == pytest.approx(0.0, abs=1e-3)
+    orders = np.stack([np.random.default_rng(s).permutation(task.n) for s in range(3)])
+    raw = es.run_policy(task, orders, es.CurvecastPolicy(cache, 0))
+    cal = es.run_policy(task, orders, es.CalibratedPolicy(cache, 0, startup=0,
+                                                          prior_weight=1e9))
+    assert [r.runs for r in raw] == [r.runs for r in cal]  # a huge prior weight: the model's

@@ -11,7 +11,8 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from pfn import Curve, CurvecastError, Predictor  # noqa: E402
-from pfn.early_stop import StopRule, curve_to_dict, decide, early_stop_json, rule_to_dict  # noqa: E402
+from pfn.early_stop import StopRule, curve_to_dict, early_stop_json, rule_to_dict  # noqa: E402
+from pfn.hpo import Decider  # noqa: E402
 from pfn.hpo.optuna import CurvecastPruner  # noqa: E402
 
 HORIZON = 12
@@ -72,8 +73,16 @@ def test_prunes_bad_trials_and_records_predictions(pred: Predictor) -> None:
         steps = sorted(t.intermediate_values)
         c = Curve([s + 1 for s in steps], [t.intermediate_values[s] for s in steps], HORIZON,
                   bounds=(0, 1))
-        incumbent = max(x.value for x in study.trials[:i] if x.state == TS.COMPLETE)
-        d = decide(pred, [c], [incumbent], RULE)[0]
+        done = [x for x in study.trials[:i] if x.state == TS.COMPLETE]
+        incumbent = max(x.value for x in done)
+        # the pruner's calibrator had seen every trial completed before this one
+        ref = Decider(pred, RULE)
+        for x in done:
+            xs = sorted(x.intermediate_values)
+            assert ref.add_completed(Curve([s + 1 for s in xs],
+                                           [x.intermediate_values[s] for s in xs], HORIZON,
+                                           bounds=(0, 1)))
+        d = ref([c], [incumbent])[0]
         assert a["curvecast_final_mean"] == pytest.approx(d.final_mean, abs=1e-5)
         assert a["curvecast_prob_improve"] == pytest.approx(d.prob_improve, abs=1e-5)
         assert set(a["curvecast_final_quantiles"]) == {"0.05", "0.5", "0.95"}
@@ -158,7 +167,7 @@ class Oracle:
 @pytest.mark.parametrize("direction", ["maximize", "minimize"])
 def test_direction_and_incumbent_reach_the_backend(direction: str) -> None:
     oracle = Oracle()
-    study = run(direction, oracle, n_startup_trials=2)
+    study = run(direction, oracle, n_startup_trials=2, calibrate=False)  # decisions only
     TS = optuna.trial.TrialState
     minimise = direction == "minimize"
     assert [t.state for t in study.trials] == [TS.COMPLETE, TS.COMPLETE] + [TS.PRUNED] * 3

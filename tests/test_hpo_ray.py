@@ -43,7 +43,8 @@ def play(s: CurvecastScheduler, trial: Trial, values: np.ndarray, key: str = "ac
 
 
 def test_stops_bad_trials_keeps_history_and_matches_decide(pred: Predictor) -> None:
-    s = CurvecastScheduler(HORIZON, pred, metric="acc", mode="max", rule=RULE, bounds=(0, 1))
+    s = CurvecastScheduler(HORIZON, pred, metric="acc", mode="max", rule=RULE, bounds=(0, 1),
+                           n_startup_trials=1)
     good, bad = Trial("f", stub=True), Trial("f", stub=True)
     assert play(s, good, acc(0.9)) == [CONTINUE] * HORIZON  # no incumbent while it runs
     assert s.finals == {good.trial_id: pytest.approx(acc(0.9)[-1])}
@@ -141,3 +142,33 @@ def test_real_tune_run(pred: Predictor, tmp_path: Path) -> None:
     assert results[0.9] == HORIZON
     assert results[0.05] == results[0.08] == RULE.min_epochs
     assert len(sched.stopped) == 2 and len(sched.finals) == 1
+
+
+def test_completed_trials_calibrate_and_survive_restore(pred: Predictor, tmp_path: Path) -> None:
+    s = CurvecastScheduler(HORIZON, pred, metric="acc", mode="max", rule=RULE, bounds=(0, 1))
+    assert play(s, Trial("f", stub=True), acc(0.9)) == [CONTINUE] * HORIZON
+    short = Trial("f", stub=True)  # ends before the horizon: nothing to learn from
+    s.on_trial_add(None, short)  # type: ignore[arg-type]
+    s.on_trial_complete(None, short, {"training_iteration": 1, "acc": 0.5})  # type: ignore[arg-type]
+    cal = s.decider.calibrator
+    assert cal is not None and cal.trials == 1
+    path = tmp_path / "state.json"
+    s.save(str(path))
+    assert len(json.loads(path.read_text())["calibration"]["z"]) == 1
+    fresh = CurvecastScheduler(1, pred)
+    fresh.restore(str(path))
+    assert fresh.decider.calibrator is not None and fresh.decider.calibrator.trials == 1
+    assert fresh.state_dict() == s.state_dict()
+    off = CurvecastScheduler(HORIZON, pred, metric="acc", mode="max", calibrate=False)
+    play(off, Trial("f", stub=True), acc(0.9))
+    assert off.decider.calibrator is None and off.state_dict()["calibration"] is None
+
+
+def test_nothing_stops_before_n_startup_trials_completed(pred: Predictor) -> None:
+    s = CurvecastScheduler(HORIZON, pred, metric="acc", mode="max", rule=RULE, bounds=(0, 1))
+    assert s.n_startup_trials == 2
+    play(s, Trial("f", stub=True), acc(0.9))
+    assert play(s, Trial("f", stub=True), acc(0.05)) == [CONTINUE] * HORIZON  # 1 completed
+    assert STOP in play(s, Trial("f", stub=True), acc(0.05))  # 2 completed: the rule decides
+    with pytest.raises(CurvecastError, match="n_startup_trials"):
+        CurvecastScheduler(HORIZON, pred, n_startup_trials=-1)

@@ -19,7 +19,20 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-from pfn.early_stop import DEFAULT_QUANTILES, Decision, StopRule, decide, decision_from_dict
+import numpy as np
+
+from pfn.early_stop import (
+    CAL_LEVELS,
+    DEFAULT_QUANTILES,
+    Calibrator,
+    Decision,
+    StopRule,
+    calibrate_decision,
+    calibration_prefixes,
+    decide,
+    decision_from_dict,
+    final_score,
+)
 from pfn.errors import CurvecastError
 from pfn.predictor import Curve, Predictor
 
@@ -28,10 +41,15 @@ INCUMBENT_MODES = ("completed", "observed")
 
 
 class Decider:
-    """Calls the backend for a batch of trials and returns ``Decision`` objects."""
+    """Calls the backend for a batch of trials and returns ``Decision`` objects.
+
+    With ``calibrate=True`` it keeps a ``pfn.early_stop.Calibrator``: ``add_completed(curve)``
+    feeds it a trial that reached its horizon (one backend call on up to 16 of its prefixes),
+    and every decision then goes through ``calibrate_decision`` (for any backend).
+    """
 
     def __init__(self, backend: Any = None, rule: StopRule = StopRule(),
-                 quantiles: Sequence[float] = DEFAULT_QUANTILES) -> None:
+                 quantiles: Sequence[float] = DEFAULT_QUANTILES, calibrate: bool = True) -> None:
         if backend is not None and not (hasattr(backend, "posterior_all")
                                         or hasattr(backend, "early_stop")):
             raise CurvecastError(
@@ -42,6 +60,7 @@ class Decider:
         self.backend = backend
         self.rule = rule
         self.quantiles = tuple(quantiles)
+        self.calibrator: Calibrator | None = Calibrator() if calibrate else None
         self._default: Predictor | None = None  # lazily loaded, never pickled
 
     def __getstate__(self) -> dict[str, Any]:
@@ -58,10 +77,40 @@ class Decider:
 
     def __call__(self, curves: Sequence[Curve],
                  incumbents: Sequence[float | None]) -> list[Decision]:
+        out = self._raw(curves, incumbents, self.rule)
+        if self.calibrator is None:
+            return out
+        asked = set(self.quantiles)
+        out = [calibrate_decision(d, self.calibrator, c, x, self.rule)
+               for d, c, x in zip(out, curves, incumbents, strict=True)]
+        for d in out:
+            d.final_quantiles = {q: v for q, v in d.final_quantiles.items() if q in asked}
+        return out
+
+    def add_completed(self, curve: Curve) -> bool:
+        """Calibrate on a trial that reached its horizon; False (nothing added) otherwise."""
+        if self.calibrator is None:
+            return False
+        prefixes, progress, final = calibration_prefixes(curve, self.rule.min_epochs)
+        if not prefixes:
+            return False
+        ds = self._raw(prefixes, [final] * len(prefixes), self.rule)
+        if any(q not in d.final_quantiles for d in ds for q in CAL_LEVELS):
+            return False  # a remote backend that does not return these quantiles
+        fq = np.array([[d.final_quantiles[q] for q in CAL_LEVELS] for d in ds])
+        self.calibrator.add(progress, final_score(final, fq[:, 1], fq[:, 0], fq[:, 2],
+                                                  curve.direction))
+        return True
+
+    def _raw(self, curves: Sequence[Curve], incumbents: Sequence[float | None],
+             rule: StopRule) -> list[Decision]:
         b = self._resolve()
+        levels = self.quantiles
+        if self.calibrator is not None:
+            levels = tuple(dict.fromkeys(levels + CAL_LEVELS))
         if hasattr(b, "posterior_all"):
-            return decide(b, curves, incumbents, self.rule, self.quantiles)
-        got = b.early_stop(list(curves), list(incumbents), rule=self.rule)
+            return decide(b, curves, incumbents, rule, levels)
+        got = b.early_stop(list(curves), list(incumbents), rule=rule)
         if isinstance(got, Mapping):
             got = got["decisions"]
         out = [decision_from_dict(d if isinstance(d, (Mapping, Decision)) else _attrs(d))

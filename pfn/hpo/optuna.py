@@ -20,7 +20,9 @@ complete trial reports. The study's direction sets the metric's direction (a min
 improves downwards). The incumbent is the best final value of the completed trials
 (``incumbent="completed"``, the default) or the best value any trial has reported so far,
 this one included (``"observed"``, the paper's replay setting). Nothing is pruned before
-``n_startup_trials`` trials completed, nor before the rule's ``min_epochs`` values.
+``n_startup_trials`` (2) trials completed, nor before the rule's ``min_epochs`` values. With
+``calibrate=True`` (default) the trials that complete at the horizon calibrate later decisions
+(``pfn.early_stop.Calibrator``).
 
 Each decision is stored in the trial's user attributes (overwritten at every checked step):
 ``curvecast_final_mean``, ``curvecast_final_quantiles`` ({level: value}),
@@ -65,11 +67,12 @@ class CurvecastPruner(BasePruner):
         rule: StopRule = StopRule(),
         bounds: tuple[float | None, float | None] | None = None,
         first_step: int = 0,
-        n_startup_trials: int = 1,
+        n_startup_trials: int = 2,
         interval_steps: int = 1,
         incumbent: IncumbentMode = "completed",
         quantiles: Sequence[float] = DEFAULT_QUANTILES,
         fail_open: bool = True,
+        calibrate: bool = True,
     ) -> None:
         if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
             raise CurvecastError(f"horizon: must be an integer >= 1 (steps of a complete "
@@ -85,7 +88,8 @@ class CurvecastPruner(BasePruner):
         self.interval_steps = interval_steps
         self.incumbent = check_incumbent_mode(incumbent)
         self.fail_open = fail_open
-        self.decider = Decider(backend, rule, quantiles)
+        self.decider = Decider(backend, rule, quantiles, calibrate)
+        self._calibrated: set[int] = set()  # completed trials the calibrator has seen
 
     def _incumbent(self, study: optuna.study.Study, trial: FrozenTrial,
                    direction: str) -> float | None:
@@ -96,6 +100,36 @@ class CurvecastPruner(BasePruner):
             return best((t.value for t in done), direction)
         others = study.get_trials(deepcopy=False)
         return best((v for t in others for v in t.intermediate_values.values()), direction)
+
+    def _curve(self, trial: FrozenTrial, direction: Literal["max", "min"]) -> Curve | None:
+        steps = [s for s in sorted(trial.intermediate_values)
+                 if math.isfinite(trial.intermediate_values[s])]  # NaN/inf: not observed
+        if not steps:
+            return None
+        if steps[0] < self.first_step:
+            raise CurvecastError(f"first_step: trial {trial.number} reported step {steps[0]} "
+                                 f"< first_step={self.first_step}; set first_step to the "
+                                 "first step your objective reports")
+        return Curve(
+            epochs=[s - self.first_step + 1 for s in steps],
+            values=[trial.intermediate_values[s] for s in steps],
+            horizon=float(self.horizon),
+            direction=direction,
+            bounds=self.bounds,
+        )
+
+    def _calibrate(self, study: optuna.study.Study, direction: Literal["max", "min"]) -> None:
+        """Feed the calibrator the completed trials it has not seen (those that reported up
+        to the horizon count; see ``pfn.early_stop.Calibrator``)."""
+        if self.decider.calibrator is None:
+            return
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.number in self._calibrated:
+                continue
+            self._calibrated.add(t.number)
+            c = self._curve(t, direction)
+            if c is not None:
+                self.decider.add_completed(c)
 
     def prune(self, study: optuna.study.Study, trial: FrozenTrial) -> bool:
         if len(study.directions) != 1:
@@ -109,22 +143,11 @@ class CurvecastPruner(BasePruner):
         inc = self._incumbent(study, trial, direction)
         if inc is None:
             return False
-        steps = [s for s in sorted(trial.intermediate_values)
-                 if math.isfinite(trial.intermediate_values[s])]  # NaN/inf: not observed
-        if not steps:
+        curve = self._curve(trial, direction)
+        if curve is None:
             return False
-        if steps[0] < self.first_step:
-            raise CurvecastError(f"first_step: trial {trial.number} reported step {steps[0]} "
-                                 f"< first_step={self.first_step}; set first_step to the "
-                                 "first step your objective reports")
-        curve = Curve(
-            epochs=[s - self.first_step + 1 for s in steps],
-            values=[trial.intermediate_values[s] for s in steps],
-            horizon=float(self.horizon),
-            direction=direction,
-            bounds=self.bounds,
-        )
         try:
+            self._calibrate(study, direction)
             d = self.decider([curve], [inc])[0]
         except ValueError:  # a user error (CurvecastError, or the client's 4xx): report it
             raise

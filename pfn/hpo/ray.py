@@ -14,10 +14,13 @@ at a complete trial's last result). ``on_trial_result`` returns ``STOP`` when cu
 
 The incumbent is the best final value of the trials that completed without being stopped
 (``incumbent="completed"``, default) or the best value any trial reported so far, this one
-included (``"observed"``). ``metric`` and ``mode`` may also come from ``tune.TuneConfig``.
+included (``"observed"``). Nothing is stopped before ``n_startup_trials`` (2) trials completed.
+With ``calibrate=True`` (default) the trials that complete at the horizon calibrate later
+decisions (``pfn.early_stop.Calibrator``). ``metric`` and ``mode`` may also come from
+``tune.TuneConfig``.
 
-State (histories, finals, stopped trials, last decisions) is saved as JSON by ``save(path)`` and
-read back by ``restore(path)``; ``state_dict()`` / ``load_state_dict()`` give the same dict.
+State (histories, finals, stopped trials, last decisions, calibration) is saved as JSON by
+``save(path)`` and read back by ``restore(path)``; ``state_dict()`` / ``load_state_dict()`` give the same dict.
 Backends: see ``pfn.hpo``. A failing backend (anything but a user error, i.e. a ``ValueError``
 such as ``CurvecastError`` or the client's 4xx error) lets the trial continue with a logged
 warning when ``fail_open`` (the default).
@@ -40,6 +43,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from pfn.early_stop import (
     DEFAULT_QUANTILES,
+    Calibrator,
     StopRule,
     decision_to_dict,
     rule_from_dict,
@@ -72,6 +76,8 @@ class CurvecastScheduler(FIFOScheduler):
         incumbent: IncumbentMode = "completed",
         quantiles: Sequence[float] = DEFAULT_QUANTILES,
         fail_open: bool = True,
+        calibrate: bool = True,
+        n_startup_trials: int = 2,
     ) -> None:
         super().__init__()
         if isinstance(horizon, bool) or not isinstance(horizon, (int, float)) \
@@ -80,14 +86,19 @@ class CurvecastScheduler(FIFOScheduler):
                                  f"complete trial's last result), got {horizon!r}")
         if mode is not None and mode not in ("min", "max"):
             raise CurvecastError(f"mode: must be 'min' or 'max', got {mode!r}")
+        if isinstance(n_startup_trials, bool) or not isinstance(n_startup_trials, int) \
+                or n_startup_trials < 0:
+            raise CurvecastError(f"n_startup_trials: must be an integer >= 0, got "
+                                 f"{n_startup_trials!r}")
         self.horizon = float(horizon)
+        self.n_startup_trials = n_startup_trials
         self._metric = metric
         self._mode = mode
         self.time_attr = time_attr
         self.bounds = bounds
         self.incumbent = check_incumbent_mode(incumbent)
         self.fail_open = fail_open
-        self.decider = Decider(backend, rule, quantiles)
+        self.decider = Decider(backend, rule, quantiles, calibrate)
         self.histories: dict[str, list[list[float]]] = {}  # trial id -> [[time, value], ...]
         self.finals: dict[str, float] = {}  # trials that completed without being stopped
         self.stopped: set[str] = set()
@@ -125,6 +136,17 @@ class CurvecastScheduler(FIFOScheduler):
         hist = self.histories.get(tid)
         if tid not in self.stopped and hist:
             self.finals[tid] = hist[-1][1]
+            curve = self._curve(hist)
+            if curve is not None and self.decider.calibrator is not None:
+                try:
+                    self.decider.add_completed(curve)
+                except ValueError:
+                    raise
+                except Exception as e:  # transport/server failure: calibrate without it
+                    if not self.fail_open:
+                        raise
+                    log.warning("curvecast scheduler: calibration on trial %s failed (%s)",
+                                tid, e)
 
     def on_trial_error(self, tune_controller: TuneController, trial: Trial) -> None:
         pass  # keep its history: its values were observed
@@ -155,9 +177,19 @@ class CurvecastScheduler(FIFOScheduler):
         return True
 
     def _incumbent(self, tid: str) -> float | None:
+        if len(self.finals) < self.n_startup_trials:
+            return None  # nothing is stopped before n_startup_trials trials completed
         if self.incumbent == "completed":
             return best(self.finals.values(), self.direction)
         return best((v for h in self.histories.values() for _, v in h), self.direction)
+
+    def _curve(self, history: Sequence[Sequence[float]]) -> Curve | None:
+        hist = [(t, v) for t, v in history if math.isfinite(v)]
+        if not hist:
+            return None
+        return Curve(epochs=[t for t, _ in hist], values=[v for _, v in hist],
+                     horizon=self.horizon, direction=self.direction,  # type: ignore[arg-type]
+                     bounds=self.bounds)
 
     def observe(self, tid: str, result: dict[str, Any]) -> str:
         """Record one result of trial ``tid`` and return CONTINUE or STOP."""
@@ -166,12 +198,9 @@ class CurvecastScheduler(FIFOScheduler):
         inc = self._incumbent(tid)
         if inc is None:
             return TrialScheduler.CONTINUE
-        hist = [(t, v) for t, v in self.histories[tid] if math.isfinite(v)]
-        if not hist:
+        curve = self._curve(self.histories[tid])
+        if curve is None:
             return TrialScheduler.CONTINUE
-        curve = Curve(epochs=[t for t, _ in hist], values=[v for _, v in hist],
-                      horizon=self.horizon, direction=self.direction,  # type: ignore[arg-type]
-                      bounds=self.bounds)
         try:
             d = self.decider([curve], [inc])[0]
         except ValueError:  # a user error (CurvecastError, or the client's 4xx): report it
@@ -181,7 +210,8 @@ class CurvecastScheduler(FIFOScheduler):
                 raise
             log.warning("curvecast scheduler: backend failed (%s); trial %s continues", e, tid)
             return TrialScheduler.CONTINUE
-        self.decisions[tid] = {**decision_to_dict(d), "time": hist[-1][0], "incumbent": inc}
+        last = float(curve.epochs[-1])
+        self.decisions[tid] = {**decision_to_dict(d), "time": last, "incumbent": inc}
         if d.stop:
             self.stopped.add(tid)
             return TrialScheduler.STOP
@@ -202,6 +232,8 @@ class CurvecastScheduler(FIFOScheduler):
             "finals": self.finals,
             "stopped": sorted(self.stopped),
             "decisions": self.decisions,
+            "calibration": (None if self.decider.calibrator is None
+                            else self.decider.calibrator.state_dict()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -218,6 +250,9 @@ class CurvecastScheduler(FIFOScheduler):
         self.finals = {k: float(v) for k, v in state["finals"].items()}
         self.stopped = set(state["stopped"])
         self.decisions = dict(state["decisions"])
+        if "calibration" in state:  # absent in states saved before calibration existed
+            cal = state["calibration"]
+            self.decider.calibrator = None if cal is None else Calibrator.from_state_dict(cal)
 
     def save(self, checkpoint_path: str) -> None:
         """Write the state as JSON (atomically: temporary file + rename)."""
