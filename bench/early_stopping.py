@@ -382,6 +382,14 @@ class ThresholdCache:
     def get(self, i: int, k: int) -> np.ndarray:
         return self.cache[(i, k)]
 
+    def fetch(self, rs: Sequence[Replay], min_epochs: int) -> list[tuple[int, int]]:
+        """The (trial, points) pairs of these replays, computed where a decision is due."""
+        pairs = [(r.trial(), r.k) for r in rs]
+        need = [p for p, r in zip(pairs, rs, strict=True) if r.k >= min_epochs]
+        self.compute(need)
+        self.stats.answered += len(need)
+        return pairs
+
     def expected_improvement(self, i: int, k: int, inc: float) -> float:
         """E[max(0, final - inc)] (policy units) from the cached final-value quantiles:
         the integral of P(final > v) over v > inc (trapezoids on TAIL_GRID's quantiles; P
@@ -402,10 +410,7 @@ class CurvecastPolicy(Policy):
         self.name = f"curvecast-d{cache.deltas[j]:g}"
 
     def decide(self, rs: list[Replay], task: Task) -> list[bool]:
-        pairs = [(r.trial(), r.k) for r in rs]
-        need = [p for p, r in zip(pairs, rs, strict=True) if r.k >= self.min_epochs]
-        self.cache.compute(need)
-        self.cache.stats.answered += len(need)
+        pairs = self.cache.fetch(rs, self.min_epochs)
         return [r.k >= self.min_epochs and r.best_s >= self.cache.get(*p)[self.j]
                 for p, r in zip(pairs, rs, strict=True)]
 
@@ -426,10 +431,7 @@ class GainPolicy(Policy):
                      else f"curvecast-d{cache.deltas[j]:g}-ei{gain:g}")
 
     def decide(self, rs: list[Replay], task: Task) -> list[bool]:
-        pairs = [(r.trial(), r.k) for r in rs]
-        need = [p for p, r in zip(pairs, rs, strict=True) if r.k >= self.min_epochs]
-        self.cache.compute(need)
-        self.cache.stats.answered += len(need)
+        pairs = self.cache.fetch(rs, self.min_epochs)
         out = []
         for (i, k), r in zip(pairs, rs, strict=True):
             if k < self.min_epochs:
@@ -474,10 +476,7 @@ class CalibratedPolicy(Policy):
                              [self.cache.score[(i, k)] for k in ks])
 
     def decide(self, rs: list[Replay], task: Task) -> list[bool]:
-        pairs = [(r.trial(), r.k) for r in rs]
-        need = [p for p, r in zip(pairs, rs, strict=True) if r.k >= self.min_epochs]
-        self.cache.compute(need)
-        self.cache.stats.answered += len(need)
+        pairs = self.cache.fetch(rs, self.min_epochs)
         out = []
         for (i, k), r in zip(pairs, rs, strict=True):
             if k < self.min_epochs or r.trials_started <= self.startup:

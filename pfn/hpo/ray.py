@@ -20,7 +20,8 @@ decisions (``pfn.early_stop.Calibrator``). ``metric`` and ``mode`` may also come
 ``tune.TuneConfig``.
 
 State (histories, finals, stopped trials, last decisions, calibration) is saved as JSON by
-``save(path)`` and read back by ``restore(path)``; ``state_dict()`` / ``load_state_dict()`` give the same dict.
+``save(path)`` and read back by ``restore(path)``; ``state_dict()`` / ``load_state_dict()`` give
+the same dict.
 Backends: see ``pfn.hpo``. A failing backend (anything but a user error, i.e. a ``ValueError``
 such as ``CurvecastError`` or the client's 4xx error) lets the trial continue with a logged
 warning when ``fail_open`` (the default).
