@@ -16,6 +16,7 @@ from pfn.early_stop import (
     Calibrator,
     Decision,
     StopRule,
+    calibrate_decision,
     calibration_prefixes,
     checked_epochs,
     curve_to_dict,
@@ -273,3 +274,19 @@ def test_calibration_keeps_a_slow_starter_the_model_would_stop(pred: Predictor,
     bad = Curve(e[:30], np.full(30, base + sign * 0.02), horizon=h, direction=direction,  # type: ignore[arg-type]
                 bounds=(0, 1))
     assert decide(pred, [bad], [inc], calibrator=cal)[0].stop
+
+
+def test_calibrate_decision_leaves_what_it_cannot_calibrate(pred: Predictor) -> None:
+    cal = Calibrator()
+    cal.add([0.05, 0.1], [50.0, 50.0])  # a study whose runs all beat the model by far
+    c = _acc(n=3, horizon=40, top=0.1)
+    d = decide(pred, [c], [0.9])[0]
+    assert d.stop
+    kept = calibrate_decision(d, cal, c, 0.9, StopRule())
+    assert not kept.stop and kept.expected_remaining_epochs == pytest.approx(37.0)
+    no_levels = Decision(**{**d.__dict__, "final_quantiles": {0.5: 0.2}})  # e.g. a remote one
+    assert calibrate_decision(no_levels, cal, c, 0.9, StopRule()) is no_levels
+    assert calibrate_decision(d, cal, c, None, StopRule()) is d  # no incumbent
+    ei = StopRule(kind="expected_improvement", min_gain_per_epoch=0.0)
+    assert calibrate_decision(d, cal, c, 0.9, ei) is d
+    assert calibrate_decision(d, Calibrator(), c, 0.9, StopRule()) is d  # nothing learned yet
