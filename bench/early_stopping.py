@@ -32,8 +32,10 @@ incumbent is the best value revealed so far, this trial's included); ``curvecast
 (the same rule with the API's online calibration, ``pfn.early_stop.Calibrator``, learned per
 ordering from the trials that reached their horizon; the first s trials are never stopped;
 ``cal0x``: the two-sided variant, where the calibrated probability alone decides);
-``curvecast-[d<delta>-]ei<g>`` (family ``gain``, not in the defaults: the API's
-``expected_improvement`` rule with a gain of g per full run, alone or OR'ed with the paper's);
+``curvecast-d<delta>-m<margin>`` (family ``margin``, not in the defaults: the paper's rule with
+``StopRule.min_delta``); ``curvecast-[d<delta>-]ei<g>`` (family ``gain``, not in the defaults:
+the API's ``expected_improvement`` rule with a gain of g per full run, alone or OR'ed with the
+paper's);
 ``patience-<k>`` (stop
 a trial after k points without improving on its own best; k = 0 stops at the first point
 that does not improve); Optuna's ``MedianPruner``, ``SuccessiveHalvingPruner`` and
@@ -80,7 +82,8 @@ BUDGET_RUNS = 20  # the budget, in full runs
 DEFAULT_DELTAS = (0.01, 0.05, 0.1)
 PATIENCES = (0, 1, 5, 10, 20, 50)
 OPTUNA_PRUNERS = ("median", "successive_halving", "hyperband")
-POLICY_FAMILIES = ("curvecast", "calibrated", "gain", "patience", "optuna")
+POLICY_FAMILIES = ("curvecast", "calibrated", "margin", "gain", "patience", "optuna")
+MARGINS = (0.005, 0.01, 0.02)  # min_delta of the "margin" family, in regret units
 GAINS = (0.01, 0.03)  # expected final-value gain worth a full run, in regret units
 # (startup trials, prior weight, two-sided) of the calibrated policies: cal0 and cal2 use the
 # API's veto-only semantics, cal0x is the two-sided variant the API does not offer
@@ -403,15 +406,17 @@ class ThresholdCache:
 
 
 class CurvecastPolicy(Policy):
-    def __init__(self, cache: ThresholdCache, j: int, min_epochs: int = 2) -> None:
+    def __init__(self, cache: ThresholdCache, j: int, min_epochs: int = 2,
+                 min_delta: float = 0.0) -> None:
         self.cache = cache
         self.j = j  # which delta
         self.min_epochs = min_epochs
-        self.name = f"curvecast-d{cache.deltas[j]:g}"
+        self.min_delta = min_delta  # improvements below this margin do not count
+        self.name = f"curvecast-d{cache.deltas[j]:g}" + (f"-m{min_delta:g}" if min_delta else "")
 
     def decide(self, rs: list[Replay], task: Task) -> list[bool]:
         pairs = self.cache.fetch(rs, self.min_epochs)
-        return [r.k >= self.min_epochs and r.best_s >= self.cache.get(*p)[self.j]
+        return [r.k >= self.min_epochs and r.best_s + self.min_delta >= self.cache.get(*p)[self.j]
                 for p, r in zip(pairs, rs, strict=True)]
 
 
@@ -598,10 +603,13 @@ def run_task(task: Task, predictor: Predictor | None, policies: Sequence[str],
     orders = np.stack([rng.permutation(task.n) for _ in range(orderings)])
     stats = InferenceStats()
     todo: list[Policy] = [Policy()]
-    if predictor is not None and {"curvecast", "calibrated", "gain"} & set(policies):
+    if predictor is not None and {"curvecast", "calibrated", "margin", "gain"} & set(policies):
         cache = ThresholdCache(predictor, task, deltas, max_checked, stats)
         if "curvecast" in policies:
             todo += [CurvecastPolicy(cache, j) for j in range(len(deltas))]
+        if "margin" in policies:
+            todo += [CurvecastPolicy(cache, j, min_delta=m) for m in MARGINS
+                     for j in range(len(deltas))]
         if "gain" in policies:
             todo += [GainPolicy(cache, g, j) for g in GAINS for j in (None, *range(len(deltas)))]
         if "calibrated" in policies:
@@ -737,7 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        a.min_trials, a.filter_flat)
     if a.max_tasks:
         tasks = tasks[: a.max_tasks]
-    uses_model = {"curvecast", "calibrated", "gain"} & set(policies)
+    uses_model = {"curvecast", "calibrated", "margin", "gain"} & set(policies)
     predictor = Predictor.load(a.model) if uses_model else None
     rows: list[dict[str, Any]] = []
     total = InferenceStats()

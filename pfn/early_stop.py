@@ -12,8 +12,9 @@ its *checked epochs*: the remaining epochs after its last observed one, up to it
 (``MAX_CHECKED_EPOCHS`` evenly spaced ones when more remain, always including the next epoch
 and the horizon; a curve's own ``query_epochs`` replace the grid, the horizon is always added).
 
-Improvement means ``value > incumbent`` for ``direction="max"`` and ``value < incumbent`` for
-``direction="min"`` (the posterior is in the metric's own units). The incumbent is the best value
+Improvement means ``value > incumbent + min_delta`` for ``direction="max"`` and ``value <
+incumbent - min_delta`` for ``direction="min"`` (``StopRule.min_delta``, default 0 as in the
+paper; the posterior is in the metric's own units). The incumbent is the best value
 seen so far in the study (or a target); ``None``/NaN means "no incumbent yet" (never stop).
 
 Rules (``StopRule.kind``); none fires before ``min_epochs`` values are observed:
@@ -82,6 +83,7 @@ class StopRule:
     delta: float = 0.05  # stop when P(improve) <= delta ("all_epochs", "final_epoch")
     min_epochs: int = 2  # observed values needed before the rule may stop a trial
     min_gain_per_epoch: float | None = None  # "expected_improvement" only: metric units/epoch
+    min_delta: float = 0.0  # an improvement must beat the incumbent by more than this (units)
 
     def __post_init__(self) -> None:
         if self.kind not in RULE_KINDS:
@@ -95,6 +97,12 @@ class StopRule:
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise CurveError(None, "rule.min_epochs", f"must be an integer >= 1, got {m!r}",
                              "use 2 (decide from the second epoch on)")
+        md = self.min_delta
+        if isinstance(md, bool) or not isinstance(md, (int, float)) \
+                or not (math.isfinite(md) and md >= 0):
+            raise CurveError(None, "rule.min_delta", f"must be a finite number >= 0, got {md!r}",
+                             "use 0 (the paper's rule) or the smallest gain worth having, in "
+                             "metric units (e.g. 0.005 for an accuracy in [0, 1])")
         g = self.min_gain_per_epoch
         if self.kind == "expected_improvement":
             if g is None or isinstance(g, bool) or not isinstance(g, (int, float)) \
@@ -133,6 +141,8 @@ def rule_to_dict(rule: StopRule) -> dict[str, Any]:
     d = asdict(rule)
     if d["min_gain_per_epoch"] is None:
         del d["min_gain_per_epoch"]
+    if d["min_delta"] == 0:
+        del d["min_delta"]  # the default: requests stay readable by older servers
     return d
 
 
@@ -365,7 +375,9 @@ def calibrate_decision(d: Decision, calibrator: Calibrator, curve: Curve, incumb
     last, _ = o
     if last >= h:
         return d
-    z = final_score(inc, fq[0.5], fq[0.05], fq[0.95], getattr(curve, "direction", "max"))
+    direction = getattr(curve, "direction", "max")
+    inc += -rule.min_delta if direction == "min" else rule.min_delta  # what counts as improving
+    z = final_score(inc, fq[0.5], fq[0.05], fq[0.95], direction)
     pc = float(calibrator.prob_improve(last / h, d.prob_improve_final, z))
     pa, pf = max(d.prob_improve, pc), max(d.prob_improve_final, pc)
     p_rule = pa if rule.kind == "all_epochs" else pf
@@ -463,6 +475,8 @@ def decide(
         levels = tuple(dict.fromkeys(levels + CAL_LEVELS))
     inc = np.array([_incumbent(x, i) for i, x in enumerate(incumbents)], dtype=np.float64)
     obs = [_observed(c) for c in curves]
+    is_min = np.array([getattr(c, "direction", "max") == "min" for c in curves])
+    inc = inc + np.where(is_min, -rule.min_delta, rule.min_delta)  # what counts as improving
     queried = []
     for c, o in zip(curves, obs, strict=True):
         qe = c.query_epochs  # unparseable curves go to the predictor as they are (it reports)
@@ -473,7 +487,6 @@ def decide(
     start = np.asarray(starts[:-1])
     final = np.asarray(starts[1:]) - 1  # the horizon is each curve's last checked epoch
     counts = np.diff(np.asarray(starts))
-    is_min = np.array([c.direction == "min" for c in curves])
     inc_rows = np.repeat(np.nan_to_num(inc), counts)[:, None]  # (R, 1)
     cdf = post.cdf(inc_rows)[:, 0]  # P(y_t' <= incumbent)
     p_rows = np.where(np.repeat(is_min, counts), cdf, 1.0 - cdf)  # P(y_t' improves)
@@ -539,8 +552,9 @@ def decide(
         ))
     if calibrator is not None:
         asked = set(_quantile_levels(quantiles))
-        out = [calibrate_decision(d, calibrator, c, None if math.isnan(x) else float(x), rule)
-               for d, c, x in zip(out, curves, inc, strict=True)]
+        raw = [_incumbent(x, i) for i, x in enumerate(incumbents)]
+        out = [calibrate_decision(d, calibrator, c, None if math.isnan(x) else x, rule)
+               for d, c, x in zip(out, curves, raw, strict=True)]
         for d in out:
             d.final_quantiles = {q: v for q, v in d.final_quantiles.items() if q in asked}
     return out

@@ -113,6 +113,8 @@ class StopRuleIn(_Strict):
                             description="never stop before this many")
     min_gain_per_epoch: Annotated[float, Field(allow_inf_nan=False, ge=0, le=MAX_ABS)] | None \
         = Field(default=None, description="expected_improvement only: metric units per epoch")
+    min_delta: Annotated[float, Field(allow_inf_nan=False, ge=0, le=MAX_ABS)] = Field(
+        default=0.0, description="improvements smaller than this (metric units) do not count")
 
 
 class EarlyStopRequest(_Strict):

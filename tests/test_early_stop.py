@@ -290,3 +290,24 @@ def test_calibrate_decision_leaves_what_it_cannot_calibrate(pred: Predictor) -> 
     ei = StopRule(kind="expected_improvement", min_gain_per_epoch=0.0)
     assert calibrate_decision(d, cal, c, 0.9, ei) is d
     assert calibrate_decision(d, Calibrator(), c, 0.9, StopRule()) is d  # nothing learned yet
+
+
+@pytest.mark.parametrize("direction", ["max", "min"])
+def test_min_delta_shifts_what_counts_as_improving(pred: Predictor, direction: str) -> None:
+    e = np.arange(1, 8, dtype=float)
+    v = 0.6 * (1 - np.exp(-e / 3))
+    c = Curve(e, v if direction == "max" else 1 - v, horizon=30, direction=direction,  # type: ignore[arg-type]
+              bounds=(0, 1))
+    inc, md = (0.55, 0.03) if direction == "max" else (0.45, 0.03)
+    shifted = inc + md if direction == "max" else inc - md
+    a = decide(pred, [c], [inc], StopRule(delta=0.2, min_delta=md))[0]
+    b = decide(pred, [c], [shifted], StopRule(delta=0.2))[0]
+    assert (a.stop, a.prob_improve, a.prob_improve_final, a.expected_improvement) == \
+        (b.stop, b.prob_improve, b.prob_improve_final, b.expected_improvement)
+    plain = decide(pred, [c], [inc], StopRule(delta=0.2))[0]
+    assert a.prob_improve < plain.prob_improve  # a margin makes improving harder
+    r = StopRule(min_delta=md)
+    assert rule_from_dict(json.loads(json.dumps(rule_to_dict(r)))) == r
+    assert "min_delta" not in rule_to_dict(StopRule())  # the default stays off the wire
+    with pytest.raises(CurveError, match=r"rule\.min_delta"):
+        StopRule(min_delta=-0.1)

@@ -370,7 +370,7 @@ def test_early_stop_matches_in_process_decisions(http, local):
                       {"epochs": [1, 2], "values": [1.2, 1.1], "horizon": 30,
                        "direction": "min"}],
            "incumbents": [0.9, None, 0.4],
-           "rule": {"kind": "final_epoch", "delta": 0.1, "min_epochs": 2}}
+           "rule": {"kind": "final_epoch", "delta": 0.1, "min_epochs": 2, "min_delta": 0.01}}
     r = http.post("/v1/early-stop", json=req)
     assert r.status_code == 200, r.text
     got, want = r.json()["decisions"], early_stop_json(local, req)["decisions"]
@@ -384,6 +384,8 @@ def test_early_stop_matches_in_process_decisions(http, local):
     assert bad.status_code == 422 and "incumbents" in bad.json()["error"]["message"]
     bad = http.post("/v1/early-stop", json={**req, "rule": {"kind": "expected_improvement"}})
     assert bad.status_code == 422 and "min_gain_per_epoch" in bad.json()["error"]["message"]
+    bad = http.post("/v1/early-stop", json={**req, "rule": {"min_delta": -1}})
+    assert bad.status_code == 422 and "min_delta" in bad.text
 
 
 # --- property-based fuzzing against the server's own OpenAPI spec ------------------------------
