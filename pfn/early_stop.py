@@ -473,10 +473,10 @@ def decide(
     levels = _quantile_levels(quantiles)
     if calibrator is not None:
         levels = tuple(dict.fromkeys(levels + CAL_LEVELS))
-    inc = np.array([_incumbent(x, i) for i, x in enumerate(incumbents)], dtype=np.float64)
+    given = np.array([_incumbent(x, i) for i, x in enumerate(incumbents)], dtype=np.float64)
     obs = [_observed(c) for c in curves]
     is_min = np.array([getattr(c, "direction", "max") == "min" for c in curves])
-    inc = inc + np.where(is_min, -rule.min_delta, rule.min_delta)  # what counts as improving
+    inc = given + np.where(is_min, -rule.min_delta, rule.min_delta)  # what counts as improving
     queried = []
     for c, o in zip(curves, obs, strict=True):
         qe = c.query_epochs  # unparseable curves go to the predictor as they are (it reports)
@@ -552,9 +552,8 @@ def decide(
         ))
     if calibrator is not None:
         asked = set(_quantile_levels(quantiles))
-        raw = [_incumbent(x, i) for i, x in enumerate(incumbents)]
-        out = [calibrate_decision(d, calibrator, c, None if math.isnan(x) else x, rule)
-               for d, c, x in zip(out, curves, raw, strict=True)]
+        out = [calibrate_decision(d, calibrator, c, None if math.isnan(x) else float(x), rule)
+               for d, c, x in zip(out, curves, given, strict=True)]
         for d in out:
             d.final_quantiles = {q: v for q, v in d.final_quantiles.items() if q in asked}
     return out
