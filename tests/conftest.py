@@ -16,12 +16,17 @@ REAL_CURVES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
                            "real_curves.npz")
 
 
-@pytest.fixture
-def tiny_model() -> PFN:
-    """A small random-weight PFN (seeded) for shape and semantics tests."""
+@pytest.fixture(params=[False, True], ids=["plain", "sharpen"])
+def tiny_model(request: pytest.FixtureRequest) -> PFN:
+    """A small random-weight PFN (seeded) for shape and semantics tests, with and without the
+    sharpening head (given random weights, so that it is not the identity)."""
     torch.manual_seed(0)
-    cfg = PFNConfig(n_layers=2, d_model=32, n_heads=4, d_ff=64, n_buckets=50, encoder_hidden=16)
-    return PFN(cfg, torch.linspace(-0.2, 1.2, 51)).eval()
+    cfg = PFNConfig(n_layers=2, d_model=32, n_heads=4, d_ff=64, n_buckets=50, encoder_hidden=16,
+                    sharpen_head=request.param)
+    model = PFN(cfg, torch.linspace(-0.2, 1.2, 51)).eval()
+    if model.sharpen is not None:
+        torch.nn.init.normal_(model.sharpen.weight, std=0.1)
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pfn import Curve, CurveError, Predictor
-from pfn.model import PFNConfig, pfn_attention_mask
+from pfn.model import PFN, PFNConfig, pfn_attention_mask
 
 
 def test_mask_rule():
@@ -64,8 +64,8 @@ def test_rows_only_last_block_equals_full_computation(tiny_model, b, k, q):
     m = torch.rand(b, k, generator=g) > 0.3
     m[:, 0] = True
     is_ctx = torch.cat([m, torch.zeros(b, q, dtype=torch.bool)], 1)
-    full = tiny_model.head(tiny_model.hidden(torch.cat([t, tq], 1),
-                                             torch.cat([y, torch.zeros(b, q)], 1), is_ctx))
+    full = tiny_model.bucket_logits(tiny_model.hidden(torch.cat([t, tq], 1),
+                                                      torch.cat([y, torch.zeros(b, q)], 1), is_ctx))
     torch.testing.assert_close(tiny_model.predict(t, y, m, tq), full[:, k:],
                                atol=1e-5, rtol=1e-5)
 
@@ -73,6 +73,40 @@ def test_rows_only_last_block_equals_full_computation(tiny_model, b, k, q):
 def test_config_validation():
     with pytest.raises(ValueError, match="divisible"):
         PFNConfig(d_model=30, n_heads=4)
+
+
+def test_sharpen_head_starts_as_the_plain_head():
+    """reset_sharpen makes the mixture (1 - pi) p + pi p equal p: a warm start changes nothing."""
+    torch.manual_seed(3)
+    base = PFNConfig(n_layers=1, d_model=16, n_heads=2, d_ff=32, n_buckets=30, encoder_hidden=8)
+    plain = PFN(base, torch.linspace(0, 1, 31)).eval()
+    sharp = PFN(PFNConfig(**{**base.to_dict(), "sharpen_head": True}), plain.bar.borders).eval()
+    missing, _ = sharp.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["sharpen.bias", "sharpen.weight"]
+    x = _ctx(9)
+    q = torch.tensor([[0.2, 0.7, 1.0]])
+    with torch.no_grad():
+        want = torch.log_softmax(plain.predict(*x, q), -1)
+        assert torch.allclose(sharp.predict(*x, q), want, atol=1e-6)
+        sharp.sharpen.weight.normal_(std=0.5)  # once trained, it differs
+        assert not torch.allclose(sharp.predict(*x, q), want, atol=1e-3)
+
+
+def test_sharpen_head_is_the_stated_mixture(tiny_model):
+    if tiny_model.sharpen is None:
+        pytest.skip("plain head")
+    from pfn.model import LOG_TAU_MAX, LOG_TAU_MIN, SHARPEN_GAIN
+
+    h = torch.randn(5, tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = tiny_model.bucket_logits(h)
+        a, b = (tiny_model.sharpen(h) * SHARPEN_GAIN).unbind(-1)
+        tau = a.clamp(LOG_TAU_MIN, LOG_TAU_MAX).exp()[:, None]
+        pi = torch.sigmoid(b)[:, None]
+        logits = tiny_model.head(h).double()
+        want = (1 - pi) * logits.softmax(-1) + pi * (logits * tau).softmax(-1)
+    assert torch.allclose(out.exp().double(), want, atol=1e-6)
+    assert torch.allclose(out.logsumexp(-1), torch.zeros(5), atol=1e-5)  # normalised
 
 
 @pytest.fixture

@@ -91,6 +91,32 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert cfgs[0]["sha256"] == cfgs[1]["sha256"] and cfgs[0]["meta"]["ema"] is True
 
 
+def test_warm_start_adds_the_sharpening_head_and_keeps_the_answers(tmp_path):
+    """init_from copies a finished run's EMA weights; the new head starts as the identity, so
+    the warm-started model answers exactly as its source, and trains on from there."""
+    from pfn.evaluate import prior_log_likelihood
+    from train.export import model_from_checkpoint
+
+    src_dir = tmp_path / "src"
+    cfg = apply_overrides(TrainConfig(), {**TINY, "n_curves": 32, "ema_decay": 0.9,
+                                          "out_dir": str(src_dir)})
+    Trainer(cfg).run(progress=False)
+    src, _ = model_from_checkpoint(src_dir)
+    warm_cfg = apply_overrides(cfg, {"init_from": str(src_dir), "model.sharpen_head": True,
+                                     "seed": 5, "out_dir": str(tmp_path / "warm")})
+    tr = Trainer(warm_cfg)
+    y = torch.rand(6, 100, generator=torch.Generator().manual_seed(0))
+    got = prior_log_likelihood(tr.model.eval(), y, 40)
+    assert torch.allclose(got, prior_log_likelihood(src, y, 40), atol=1e-5)
+    tr.run(progress=False)
+    assert not torch.equal(tr.model.sharpen.weight, torch.zeros_like(tr.model.sharpen.weight))
+    # a source with parameters the model has no place for is refused
+    with pytest.raises(ValueError, match="no place"):
+        Trainer(apply_overrides(warm_cfg, {"init_from": str(tmp_path / "warm"),
+                                           "model.sharpen_head": False,
+                                           "out_dir": str(tmp_path / "x")}))
+
+
 def test_resume_rejects_other_config(tmp_path):
     cfg = apply_overrides(TrainConfig(), {**TINY, "n_curves": 16, "out_dir": str(tmp_path)})
     Trainer(cfg).run(progress=False)

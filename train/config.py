@@ -36,6 +36,9 @@ class TrainConfig:
     min_cutoff: int = 1  # smallest number of observed epochs drawn per curve
     border_curves: int = 10_000  # prior curves whose noisy values set the bucket borders
     seed: int = 0  # seeds borders, initialisation and every rank's prior stream
+    init_from: str = ""  # run directory (its checkpoint's EMA weights), model directory or
+    # shipped name whose weights start the run with a fresh optimizer and schedule; parameters
+    # it lacks keep their initialisation ("": none)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads (0: torch's default)
     out_dir: str = "runs/default"  # checkpoint, metrics.jsonl and the exported model

@@ -19,15 +19,17 @@ def model_meta(cfg: TrainConfig, step: int, ema: bool) -> dict[str, object]:
             "prior": prior.name}
 
 
-def export_checkpoint(run_dir: str | Path, out_dir: str | Path) -> str:
-    """Write run_dir's latest checkpoint as a model directory; returns the sha256."""
+def model_from_checkpoint(run_dir: str | Path) -> tuple[PFN, dict[str, object]]:
+    """run_dir's latest checkpoint as a model (its EMA weights when the run kept them) and the
+    metadata an export records."""
     ck = load_checkpoint(Path(run_dir) / CKPT_NAME)
     cfg = TrainConfig.from_dict(ck["meta"]["config"])
     model = PFN(cfg.model, ck["model"]["bar.borders"])
-    model.load_state_dict({**ck["model"], **ck["ema"]})  # EMA weights when the run kept them
-    step = int(ck["meta"]["step"])
-    prior = get_prior(cfg.prior)
-    meta = {"train_config": cfg.to_dict(), "ema": bool(ck["ema"]), "steps": step,
-            "curves_seen": step * cfg.batch_size,
-            "max_context": prior.n_epochs - 1, "prior": prior.name}
-    return save_model(model.eval(), out_dir, meta)
+    model.load_state_dict({**ck["model"], **ck["ema"]})
+    return model.eval(), model_meta(cfg, int(ck["meta"]["step"]), bool(ck["ema"]))
+
+
+def export_checkpoint(run_dir: str | Path, out_dir: str | Path) -> str:
+    """Write run_dir's latest checkpoint as a model directory; returns the sha256."""
+    model, meta = model_from_checkpoint(run_dir)
+    return save_model(model, out_dir, meta)

@@ -26,12 +26,12 @@ from torch import Tensor
 
 from pfn.bar import borders_from_samples
 from pfn.evaluate import prior_log_likelihood
-from pfn.io import save_model
+from pfn.io import load_model, save_model
 from pfn.model import PFN
 from prior import CurvePrior, get_prior, sample_cutoffs
 from train.checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
 from train.config import TrainConfig
-from train.export import model_meta
+from train.export import model_from_checkpoint, model_meta
 
 EVAL_CUTOFFS = (10, 20, 40, 80)
 # config keys that may change between a run and its resumption (they don't change the maths)
@@ -82,6 +82,29 @@ def build_model(cfg: TrainConfig, prior: CurvePrior) -> PFN:
     return PFN(cfg.model, make_borders(cfg, prior))
 
 
+def warm_start(model: PFN, source: str, verbose: bool = False) -> list[str]:
+    """Copy a trained model's weights into ``model`` (same architecture and buckets, possibly
+    with extra parameters such as the sharpening head); returns the parameters it lacked.
+    ``source``: a training run directory (its checkpoint's EMA weights), a model directory or
+    a shipped model name."""
+    if (Path(source) / CKPT_NAME).is_file():
+        src, _ = model_from_checkpoint(source)
+    else:
+        src, _ = load_model(source)
+    state = src.state_dict()  # bucket borders included: the head was trained for them
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise ValueError(f"init_from={source!r}: does not fit model config: {e}") from e
+    if unexpected:
+        raise ValueError(f"init_from={source!r}: parameters {unexpected} have no place in this "
+                         "model; use a model config that holds them")
+    if verbose:
+        print(f"warm start from {source}; newly initialised: {missing or 'nothing'}",
+              file=sys.stderr)
+    return list(missing)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -127,7 +150,10 @@ class Trainer:
             )
         self.local_batch = cfg.batch_size // self.dist.world
         self.prior = get_prior(cfg.prior)
-        self.model = build_model(cfg, self.prior).to(self.device)
+        self.model = build_model(cfg, self.prior)
+        if cfg.init_from:
+            warm_start(self.model, cfg.init_from, verbose=self.dist.main)
+        self.model = self.model.to(self.device)
         self.opt = make_optimizer(self.model, cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17 + self.dist.rank)
         self.step = 0
