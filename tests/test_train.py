@@ -110,6 +110,8 @@ def test_warm_start_adds_the_sharpening_head_and_keeps_the_answers(tmp_path):
     assert torch.allclose(got, prior_log_likelihood(src, y, 40), atol=1e-5)
     tr.run(progress=False)
     assert not torch.equal(tr.model.sharpen.weight, torch.zeros_like(tr.model.sharpen.weight))
+    meta = json.loads((tmp_path / "warm" / "model" / "config.json").read_text())["meta"]
+    assert (meta["curves_seen"], meta["curves_seen_total"]) == (32, 64)
     # a source with parameters the model has no place for is refused
     with pytest.raises(ValueError, match="no place"):
         Trainer(apply_overrides(warm_cfg, {"init_from": str(tmp_path / "warm"),

@@ -67,6 +67,12 @@ def save_checkpoint(
         raise
 
 
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The checkpoint's metadata (config, step, world) without reading its tensors."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(json.loads((f.metadata() or {})["meta"]))
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """{'model': state, 'ema': averaged parameters (may be empty), 'optim': state,
     'rng_prior': [...], 'rng_torch': t, 'meta': dict}."""

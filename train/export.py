@@ -4,19 +4,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pfn.io import save_model
+from pfn.io import read_config, resolve_model_dir, save_model
 from pfn.model import PFN
 from prior import get_prior
-from train.checkpoint import CKPT_NAME, load_checkpoint
+from train.checkpoint import CKPT_NAME, load_checkpoint, read_checkpoint_meta
 from train.config import TrainConfig
 
 
+def curves_before(init_from: str) -> int:
+    """Training curves behind a warm start's source (0 without one): a run directory's own
+    curves plus its source's, recursively, or a model directory's recorded total."""
+    if not init_from:
+        return 0
+    ckpt = Path(init_from) / CKPT_NAME
+    if ckpt.is_file():
+        meta = read_checkpoint_meta(ckpt)
+        src = TrainConfig.from_dict(meta["config"])
+        return int(meta["step"]) * src.batch_size + curves_before(src.init_from)
+    rec = read_config(resolve_model_dir(init_from)).get("meta", {})
+    return int(rec.get("curves_seen_total", rec.get("curves_seen", 0)))
+
+
 def model_meta(cfg: TrainConfig, step: int, ema: bool) -> dict[str, object]:
-    """What an exported model's config.json records about its training."""
+    """What an exported model's config.json records about its training (``curves_seen``: this
+    run's; ``curves_seen_total``: with those behind its warm start)."""
     prior = get_prior(cfg.prior)
-    return {"train_config": cfg.to_dict(), "ema": ema, "steps": step,
-            "curves_seen": step * cfg.batch_size, "max_context": prior.n_epochs - 1,
-            "prior": prior.name}
+    seen = step * cfg.batch_size
+    return {"train_config": cfg.to_dict(), "ema": ema, "steps": step, "curves_seen": seen,
+            "curves_seen_total": seen + curves_before(cfg.init_from),
+            "max_context": prior.n_epochs - 1, "prior": prior.name}
 
 
 def model_from_checkpoint(run_dir: str | Path) -> tuple[PFN, dict[str, object]]:
