@@ -151,7 +151,8 @@ class Trainer:
         self.local_batch = cfg.batch_size // self.dist.world
         self.prior = get_prior(cfg.prior)
         self.model = build_model(cfg, self.prior)
-        if cfg.init_from:
+        if cfg.init_from and not (Path(cfg.out_dir) / CKPT_NAME).is_file():
+            # (a resumed run takes its weights from its own checkpoint, not from the source)
             warm_start(self.model, cfg.init_from, verbose=self.dist.main)
         self.model = self.model.to(self.device)
         self.opt = make_optimizer(self.model, cfg)
