@@ -35,7 +35,10 @@ ordering from the trials that reached their horizon; the first s trials are neve
 ``curvecast-d<delta>-m<margin>`` (family ``margin``, not in the defaults: the paper's rule with
 ``StopRule.min_delta``); ``curvecast-[d<delta>-]ei<g>`` (family ``gain``, not in the defaults:
 the API's ``expected_improvement`` rule with a gain of g per full run, alone or OR'ed with the
-paper's);
+paper's); ``curvecast-d<delta>-opp<c>`` / ``-opps<c>`` (family ``opportunity``, not in the
+defaults, not in the API: the paper's rule OR'ed with an opportunity-cost rule that stops a
+trial whose expected improvement per remaining epoch is below c x the mean of the other trials'
+at the same point, ``opp``, or at their first decision, ``opps``; see ``OpportunityPolicy``);
 ``patience-<k>`` (stop
 a trial after k points without improving on its own best; k = 0 stops at the first point
 that does not improve); Optuna's ``MedianPruner``, ``SuccessiveHalvingPruner`` and
@@ -82,9 +85,11 @@ BUDGET_RUNS = 20  # the budget, in full runs
 DEFAULT_DELTAS = (0.01, 0.05, 0.1)
 PATIENCES = (0, 1, 5, 10, 20, 50)
 OPTUNA_PRUNERS = ("median", "successive_halving", "hyperband")
-POLICY_FAMILIES = ("curvecast", "calibrated", "margin", "gain", "patience", "optuna")
+POLICY_FAMILIES = ("curvecast", "calibrated", "margin", "gain", "opportunity", "patience",
+                   "optuna")
 MARGINS = (0.005, 0.01, 0.02)  # min_delta of the "margin" family, in regret units
 GAINS = (0.01, 0.03)  # expected final-value gain worth a full run, in regret units
+OPPORTUNITY_FACTORS = (1.0,)  # the "opportunity" family: c in the rule (see its class)
 # (startup trials, prior weight, two-sided) of the calibrated policies: cal0 and cal2 use the
 # API's veto-only semantics, cal0x is the two-sided variant the API does not offer
 CALIBRATED_VARIANTS = ((0, 10.0, False), (2, 10.0, False), (0, 1.0, True))
@@ -420,7 +425,37 @@ class CurvecastPolicy(Policy):
                 for p, r in zip(pairs, rs, strict=True)]
 
 
-class GainPolicy(Policy):
+class _OrPaperRule(Policy):
+    """A rule of its own (``extra``), alone or OR'ed with the all-epochs rule at delta index
+    ``j`` (stop when either fires); nothing before ``min_epochs`` points."""
+
+    cache: ThresholdCache
+    j: int | None
+    min_epochs: int
+
+    def extra(self, i: int, k: int, r: Replay, task: Task) -> bool:
+        raise NotImplementedError
+
+    def decide(self, rs: list[Replay], task: Task) -> list[bool]:
+        pairs = self.cache.fetch(rs, self.min_epochs)
+        out = []
+        for (i, k), r in zip(pairs, rs, strict=True):
+            if k < self.min_epochs:
+                out.append(False)
+            elif self.j is not None and r.best_s >= self.cache.get(i, k)[self.j]:
+                out.append(True)
+            else:
+                out.append(self.extra(i, k, r, task))
+        return out
+
+
+def remaining_fraction(task: Task, i: int, k: int) -> float:
+    """The share of a full run trial i has left after its first k points."""
+    h = float(task.horizon[i])
+    return (h - float(task.x[i, k - 1])) / h
+
+
+class GainPolicy(_OrPaperRule):
     """The API's ``expected_improvement`` rule with ``min_gain_per_epoch = gain / horizon``
     (a per-task scale: ``gain`` is the expected improvement of the final value, in the regret
     units, worth one full run of compute), alone or OR'ed with the all-epochs rule at delta
@@ -435,21 +470,58 @@ class GainPolicy(Policy):
         self.name = (f"curvecast-ei{gain:g}" if j is None
                      else f"curvecast-d{cache.deltas[j]:g}-ei{gain:g}")
 
-    def decide(self, rs: list[Replay], task: Task) -> list[bool]:
-        pairs = self.cache.fetch(rs, self.min_epochs)
-        out = []
-        for (i, k), r in zip(pairs, rs, strict=True):
-            if k < self.min_epochs:
-                out.append(False)
-                continue
-            if self.j is not None and r.best_s >= self.cache.get(i, k)[self.j]:
-                out.append(True)
-                continue
-            h = float(task.horizon[i])
-            remaining = (h - float(task.x[i, k - 1])) / h  # fraction of a full run
-            ei = self.cache.expected_improvement(i, k, r.best_s)
-            out.append(ei <= self.gain * remaining)
-        return out
+    def extra(self, i: int, k: int, r: Replay, task: Task) -> bool:
+        ei = self.cache.expected_improvement(i, k, r.best_s)
+        return ei <= self.gain * remaining_fraction(task, i, k)
+
+
+def ei_rows(gq: np.ndarray, inc: float) -> np.ndarray:
+    """E[max(0, F - inc)] for each row of ``gq`` (m, len(TAIL_GRID)): F's quantiles at
+    P(F > v) = TAIL_GRID, ascending; P taken as 1 below the first one (trapezoids)."""
+    tau = 0.5 * (TAIL_GRID[1:] + TAIL_GRID[:-1])
+    seg = np.clip(gq[:, 1:] - np.maximum(gq[:, :-1], inc), 0.0, None)  # (m, 60)
+    return np.clip(gq[:, 0] - inc, 0.0, None) + seg @ tau
+
+
+class OpportunityPolicy(_OrPaperRule):
+    """Opportunity cost: stop a trial when its expected improvement over the incumbent per
+    remaining epoch is below ``c`` x what another trial offers per epoch of a full run:
+    E[max(0, F - inc)] under the model's prediction of the final F from the trial's first k
+    points, against the mean of the same quantity over the trials that ended in this ordering,
+    each taken from its first min(k, points it revealed) points (``same``: the trials as they
+    looked at the same point, SHA's rung; ``start``: from their first ``min_epochs`` points,
+    as a fresh trial looks when first judged). OR'ed with the all-epochs rule at delta index
+    ``j`` (None: alone). Needs ``min_pop`` ended trials."""
+
+    def __init__(self, cache: ThresholdCache, c: float, j: int | None = None,
+                 min_epochs: int = 2, min_pop: int = 3, ref: str = "same") -> None:
+        self.cache = cache
+        self.c = c
+        self.j = j
+        self.min_epochs = min_epochs
+        self.min_pop = min_pop
+        self.ref = ref
+        tag = f"opp{'s' if ref == 'start' else ''}{c:g}"
+        self.name = (f"curvecast-{tag}" if j is None
+                     else f"curvecast-d{cache.deltas[j]:g}-{tag}")
+
+    def start(self, r: Replay, task: Task, i: int) -> None:
+        r.ctx.setdefault("pop", [])
+
+    def end(self, r: Replay, task: Task, i: int, completed: bool) -> None:
+        rows = [self.cache.final[(i, k)][0] for k in range(self.min_epochs, r.k + 1)
+                if (i, k) in self.cache.final]
+        if rows and (self.ref == "same" or (i, self.min_epochs) in self.cache.final):
+            r.ctx["pop"].append(np.stack(rows) if self.ref == "same" else rows[0][None, :])
+
+    def extra(self, i: int, k: int, r: Replay, task: Task) -> bool:
+        pop = r.ctx["pop"]
+        if len(pop) < self.min_pop:
+            return False
+        at = k - self.min_epochs
+        fresh = float(ei_rows(np.stack([a[min(at, len(a) - 1)] for a in pop]), r.best_s).mean())
+        ei = float(ei_rows(self.cache.final[(i, k)][0][None, :], r.best_s)[0])
+        return ei < self.c * remaining_fraction(task, i, k) * fresh
 
 
 class CalibratedPolicy(Policy):
@@ -603,7 +675,8 @@ def run_task(task: Task, predictor: Predictor | None, policies: Sequence[str],
     orders = np.stack([rng.permutation(task.n) for _ in range(orderings)])
     stats = InferenceStats()
     todo: list[Policy] = [Policy()]
-    if predictor is not None and {"curvecast", "calibrated", "margin", "gain"} & set(policies):
+    if predictor is not None and {"curvecast", "calibrated", "margin", "gain",
+                                  "opportunity"} & set(policies):
         cache = ThresholdCache(predictor, task, deltas, max_checked, stats)
         if "curvecast" in policies:
             todo += [CurvecastPolicy(cache, j) for j in range(len(deltas))]
@@ -612,6 +685,9 @@ def run_task(task: Task, predictor: Predictor | None, policies: Sequence[str],
                      for j in range(len(deltas))]
         if "gain" in policies:
             todo += [GainPolicy(cache, g, j) for g in GAINS for j in (None, *range(len(deltas)))]
+        if "opportunity" in policies:
+            todo += [OpportunityPolicy(cache, c, j, ref=ref) for c in OPPORTUNITY_FACTORS
+                     for ref in ("same", "start") for j in range(len(deltas))]
         if "calibrated" in policies:
             todo += [CalibratedPolicy(cache, j, startup=st, prior_weight=w, two_sided=x)
                      for st, w, x in CALIBRATED_VARIANTS for j in range(len(deltas))]
@@ -745,7 +821,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        a.min_trials, a.filter_flat)
     if a.max_tasks:
         tasks = tasks[: a.max_tasks]
-    uses_model = {"curvecast", "calibrated", "margin", "gain"} & set(policies)
+    uses_model = {"curvecast", "calibrated", "margin", "gain", "opportunity"} & set(policies)
     predictor = Predictor.load(a.model) if uses_model else None
     rows: list[dict[str, Any]] = []
     total = InferenceStats()

@@ -178,3 +178,34 @@ def test_calibrated_policy_pieces_match_the_api(es, pred: Predictor, tmp_path: P
     cal = es.run_policy(task, orders, es.CalibratedPolicy(cache, 0, startup=0,
                                                           prior_weight=1e9))
     assert [r.runs for r in raw] == [r.runs for r in cal]  # a huge prior weight: the model's
+
+
+@pytest.mark.parametrize("minimise", [False, True])
+def test_opportunity_policy_pieces(es, pred: Predictor, tmp_path: Path,
+                                   minimise: bool) -> None:  # type: ignore[no-untyped-def]
+    """ei_rows is the cache's expected improvement (and the API's), a point mass gives
+    max(0, f - inc), and the opportunity rule only adds stops to the paper's rule: with c = 0
+    it is the paper's rule, with a large c it stops at least as early."""
+    task, cache, pairs, curves = cached_task(es, pred, tmp_path, minimise, 5, (0.05,))
+    sign = -1.0 if minimise else 1.0
+    for (i, k), c in zip(pairs, curves, strict=True):
+        gq, med, _ = cache.final[(i, k)]
+        for inc in (gq[0] - 0.1, med, gq[-1] + 0.1):
+            ei = float(es.ei_rows(gq[None, :], inc)[0])
+            assert ei == pytest.approx(cache.expected_improvement(i, k, inc), abs=2e-3)
+        # against the API's (evenly spaced draws, which ignore the far tails the grid sees)
+        api = decide(pred, [c], [sign * med])[0].expected_improvement
+        assert api > 0
+        assert float(es.ei_rows(gq[None, :], med)[0]) == pytest.approx(api, rel=0.15, abs=5e-3)
+    point = np.full((2, len(es.TAIL_GRID)), 0.7)
+    assert es.ei_rows(point, 0.5).tolist() == pytest.approx([0.2, 0.2])
+    assert es.ei_rows(point, 0.9).tolist() == [0.0, 0.0]
+    orders = np.stack([np.random.default_rng(s).permutation(task.n) for s in range(3)])
+    paper = es.run_policy(task, orders, es.CurvecastPolicy(cache, 0))
+    zero = es.run_policy(task, orders, es.OpportunityPolicy(cache, 0.0, 0, min_pop=1))
+    assert [r.runs for r in paper] == [r.runs for r in zero]
+    eager = es.run_policy(task, orders, es.OpportunityPolicy(cache, 1e6, 0, min_pop=1))
+    for p, e in zip(paper, eager, strict=True):
+        seen = dict(p.runs)
+        assert all(k <= seen[i] for i, k in e.runs if i in seen)
+    assert sum(r.spent for r in eager) < sum(r.spent for r in paper)
