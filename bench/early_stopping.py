@@ -39,6 +39,10 @@ paper's); ``curvecast-d<delta>-opp<c>`` / ``-opps<c>`` (family ``opportunity``, 
 defaults, not in the API: the paper's rule OR'ed with an opportunity-cost rule that stops a
 trial whose expected improvement per remaining epoch is below c x the mean of the other trials'
 at the same point, ``opp``, or at their first decision, ``opps``; see ``OpportunityPolicy``);
+``curvecast-d<delta>-gate`` / ``-bud`` (family ``budget``, not in the defaults: what the Optuna
+pruner and the Ray scheduler do with ``budget=Budget(n_trials, epochs)``, the paper's rule
+vetoed while the budget reaches every untried trial, then the API's opportunity rule while it
+does not; see ``BudgetPolicy``);
 ``patience-<k>`` (stop
 a trial after k points without improving on its own best; k = 0 stops at the first point
 that does not improve); Optuna's ``MedianPruner``, ``SuccessiveHalvingPruner`` and
@@ -74,10 +78,15 @@ import torch  # noqa: E402
 from pfn import Curve, Predictor  # noqa: E402
 from pfn.early_stop import (  # noqa: E402
     MAX_CHECKED_EPOCHS,
+    OPPORTUNITY_LEVELS,
+    OPPORTUNITY_MIN_TRIALS,
     Z_SCALE,
+    Budget,
     Calibrator,
+    budget_pressure,
     checked_epochs,
     decide,
+    expected_gain,
 )
 from pfn.predictor import Posterior  # noqa: E402
 
@@ -85,8 +94,8 @@ BUDGET_RUNS = 20  # the budget, in full runs
 DEFAULT_DELTAS = (0.01, 0.05, 0.1)
 PATIENCES = (0, 1, 5, 10, 20, 50)
 OPTUNA_PRUNERS = ("median", "successive_halving", "hyperband")
-POLICY_FAMILIES = ("curvecast", "calibrated", "margin", "gain", "opportunity", "patience",
-                   "optuna")
+POLICY_FAMILIES = ("curvecast", "calibrated", "margin", "gain", "opportunity", "budget",
+                   "patience", "optuna")
 MARGINS = (0.005, 0.01, 0.02)  # min_delta of the "margin" family, in regret units
 GAINS = (0.01, 0.03)  # expected final-value gain worth a full run, in regret units
 OPPORTUNITY_FACTORS = (1.0,)  # the "opportunity" family: c in the rule (see its class)
@@ -524,6 +533,72 @@ class OpportunityPolicy(_OrPaperRule):
         return ei < self.c * remaining_fraction(task, i, k) * fresh
 
 
+def replay_pressure(r: Replay) -> float:
+    """``pfn.early_stop.budget_pressure`` of the replay's study: every trial of the task
+    planned, the replay's budget, the trials ended so far in this ordering."""
+    return budget_pressure(Budget(len(r.order), r.budget), r.pos + 1, r.spent,
+                           [k for _, k in r.runs])
+
+
+def opportunity_draws(gq: np.ndarray) -> np.ndarray:
+    """The final value's quantiles at ``pfn.early_stop.OPPORTUNITY_LEVELS`` (what the API's
+    opportunity rule keeps per decision), interpolated from the cache's tail grid (rows of
+    ``gq``: the values v with P(F > v) = TAIL_GRID, ascending)."""
+    tail = 1.0 - np.asarray(OPPORTUNITY_LEVELS)
+    return np.stack([np.interp(tail, TAIL_GRID[::-1], row[::-1]) for row in np.atleast_2d(gq)])
+
+
+class BudgetPolicy(Policy):
+    """Budget-aware stopping as the integrations do it with ``budget=Budget(n_trials, epochs)``
+    (the study's plan; here every trial of the task and the replay's budget): the all-epochs
+    rule at delta index ``j``, vetoed while the pressure (``replay_pressure``) is below 1
+    (``pfn.early_stop.gate_by_budget``), then, while it is above 1, the opportunity rule of
+    ``pfn.early_stop.Opportunity`` (c = 1 - 1/pressure), with the API's ``expected_gain`` on
+    the same ``OPPORTUNITY_LEVELS``. ``opportunity=False``: the gate alone.
+    No tuned constant. (Differences from the API: the checked epochs of the all-epochs rule,
+    ``--max-checked``, and the levels interpolated from the cache's tail grid.)"""
+
+    def __init__(self, cache: ThresholdCache, j: int, opportunity: bool = True,
+                 min_epochs: int = 2) -> None:
+        self.cache = cache
+        self.j = j
+        self.opportunity = opportunity
+        self.min_epochs = min_epochs
+        self.name = f"curvecast-d{cache.deltas[j]:g}-{'bud' if opportunity else 'gate'}"
+
+    def start(self, r: Replay, task: Task, i: int) -> None:
+        r.ctx.setdefault("pop", [])
+
+    def end(self, r: Replay, task: Task, i: int, completed: bool) -> None:
+        rows = [self.cache.final[(i, k)][0] for k in range(self.min_epochs, r.k + 1)
+                if (i, k) in self.cache.final]
+        if rows:  # its predictions after min_epochs, min_epochs + 1, ... values
+            r.ctx["pop"].append(opportunity_draws(np.stack(rows)))
+
+    def opportunity_stop(self, i: int, k: int, r: Replay, task: Task, pressure: float) -> bool:
+        pop = r.ctx["pop"]
+        if len(pop) < OPPORTUNITY_MIN_TRIALS or not math.isfinite(pressure):
+            return False
+        at = k - self.min_epochs
+        ref = np.stack([a[min(at, len(a) - 1)] for a in pop])  # (ended, levels)
+        fresh = float(expected_gain(ref, r.best_s).mean())
+        own = float(expected_gain(opportunity_draws(self.cache.final[(i, k)][0])[0], r.best_s))
+        return own < (1.0 - 1.0 / pressure) * remaining_fraction(task, i, k) * fresh
+
+    def decide(self, rs: list[Replay], task: Task) -> list[bool]:
+        pairs = self.cache.fetch(rs, self.min_epochs)
+        out = []
+        for (i, k), r in zip(pairs, rs, strict=True):
+            p = replay_pressure(r)
+            if k < self.min_epochs or p < 1.0:
+                out.append(False)
+            elif r.best_s >= self.cache.get(i, k)[self.j]:
+                out.append(True)
+            else:
+                out.append(self.opportunity and self.opportunity_stop(i, k, r, task, p))
+        return out
+
+
 class CalibratedPolicy(Policy):
     """The all-epochs rule, with the final value's P(improve) recalibrated online
     (``pfn.early_stop.Calibrator``) from the trials of the same ordering that reached their
@@ -676,7 +751,7 @@ def run_task(task: Task, predictor: Predictor | None, policies: Sequence[str],
     stats = InferenceStats()
     todo: list[Policy] = [Policy()]
     if predictor is not None and {"curvecast", "calibrated", "margin", "gain",
-                                  "opportunity"} & set(policies):
+                                  "opportunity", "budget"} & set(policies):
         cache = ThresholdCache(predictor, task, deltas, max_checked, stats)
         if "curvecast" in policies:
             todo += [CurvecastPolicy(cache, j) for j in range(len(deltas))]
@@ -688,6 +763,9 @@ def run_task(task: Task, predictor: Predictor | None, policies: Sequence[str],
         if "opportunity" in policies:
             todo += [OpportunityPolicy(cache, c, j, ref=ref) for c in OPPORTUNITY_FACTORS
                      for ref in ("same", "start") for j in range(len(deltas))]
+        if "budget" in policies:
+            todo += [BudgetPolicy(cache, j, opportunity=o) for j in range(len(deltas))
+                     for o in (False, True)]
         if "calibrated" in policies:
             todo += [CalibratedPolicy(cache, j, startup=st, prior_weight=w, two_sided=x)
                      for st, w, x in CALIBRATED_VARIANTS for j in range(len(deltas))]
@@ -821,7 +899,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        a.min_trials, a.filter_flat)
     if a.max_tasks:
         tasks = tasks[: a.max_tasks]
-    uses_model = {"curvecast", "calibrated", "margin", "gain", "opportunity"} & set(policies)
+    uses_model = {"curvecast", "calibrated", "margin", "gain", "opportunity",
+                  "budget"} & set(policies)
     predictor = Predictor.load(a.model) if uses_model else None
     rows: list[dict[str, Any]] = []
     total = InferenceStats()

@@ -2,12 +2,16 @@
 
     pip install 'curvecast[optuna]'
     python examples/optuna_pruner.py [--trials 20] [--epochs 20] [--no-calibrate]
+    python examples/optuna_pruner.py --trials 40 --epochs 15 --budget-runs 10   # budget-aware
 
 A small MLP is trained on a synthetic classification task; each trial tries a learning rate and
 a width, reports validation accuracy after every epoch, and asks the pruner whether to go on.
 The pruner runs the embedded model in-process. To use a curvecast server instead, pass any
 client object with an ``early_stop(curves, incumbents, rule=...)`` method as the backend:
-``CurvecastPruner(horizon, backend=client)`` (see ``pfn.hpo``).
+``CurvecastPruner(horizon, backend=client)`` (see ``pfn.hpo``). With ``--budget-runs R`` the
+study may spend R full runs' worth of epochs on its trials (``Budget(n_trials, R x epochs)``):
+the pruner then weighs what a stop saves against the untried trials (docs/early-stopping.md),
+and the study ends when the budget is spent.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import optuna
 import torch
 from torch import nn
 
-from pfn.early_stop import StopRule
+from pfn.early_stop import Budget, StopRule
 from pfn.hpo.optuna import CurvecastPruner
 
 
@@ -62,14 +66,24 @@ def main() -> None:
     ap.add_argument("--delta", type=float, default=0.05)
     ap.add_argument("--no-calibrate", action="store_true",
                     help="decide with the model alone (no calibration on completed trials)")
+    ap.add_argument("--budget-runs", type=float, default=None,
+                    help="budget-aware pruning: all trials together may train this many full "
+                    "runs' worth of epochs")
     a = ap.parse_args()
+    budget = None if a.budget_runs is None else Budget(a.trials, a.budget_runs * a.epochs)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(1)  # tiny batches: one thread is fastest, and kind to a shared CPU
     pruner = CurvecastPruner(a.epochs, rule=StopRule(delta=a.delta), bounds=(0.0, 1.0),
-                             calibrate=not a.no_calibrate)
+                             calibrate=not a.no_calibrate, budget=budget)
     study = optuna.create_study(direction="maximize", pruner=pruner,
                                 sampler=optuna.samplers.TPESampler(seed=0))
-    study.optimize(make_objective(a.epochs), n_trials=a.trials)
+
+    def budget_spent(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
+        if budget is not None and sum(len(t.intermediate_values)
+                                      for t in study.trials) >= budget.epochs:
+            study.stop()
+
+    study.optimize(make_objective(a.epochs), n_trials=a.trials, callbacks=[budget_spent])
     epochs = sum(len(t.intermediate_values) for t in study.trials)
     print(f"best accuracy {study.best_value:.3f} with {study.best_params}")
     print(f"epochs trained: {epochs} of {a.trials * a.epochs} without pruning")
@@ -79,6 +93,8 @@ def main() -> None:
                 f"P(improve) {a_['curvecast_prob_improve']:.3f}" if a_ else "")
         print(f"  trial {t.number:2d} {t.state.name:8s} {len(t.intermediate_values):3d} epochs "
               f"value {t.value if t.value is not None else float('nan'):.3f}  {pred}")
+        if t.state.name == "PRUNED" and a_:
+            print(f"           {a_['curvecast_reason']}")
 
 
 if __name__ == "__main__":

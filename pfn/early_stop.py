@@ -129,6 +129,157 @@ class Decision:
     expected_improvement: float = math.nan  # E[max(0, y_horizon's gain)]; NaN: no incumbent
 
 
+@dataclass(frozen=True)
+class Budget:
+    """A study's plan, for the budget gate (``budget_pressure``, ``gate_by_budget``): how many
+    trials it will start and how many epochs it may spend on all of them together."""
+
+    n_trials: int  # trials the study plans to start (Optuna's n_trials, Ray's num_samples)
+    epochs: float  # epochs (one reported step = one epoch) the whole study may spend
+
+    def __post_init__(self) -> None:
+        n, e = self.n_trials, self.epochs
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise CurveError(None, "budget.n_trials", f"must be an integer >= 1, got {n!r}",
+                             "pass the number of trials the study will start")
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not (math.isfinite(e)
+                                                                           and e > 0):
+            raise CurveError(None, "budget.epochs", f"must be a positive number, got {e!r}",
+                             "pass the epochs all trials together may spend, e.g. 20 x the "
+                             "epochs of one full run")
+
+
+def budget_pressure(budget: Budget, started: int, spent: float, ended: Sequence[float]) -> float:
+    """How far the budget falls short of the trials not yet started: (untried trials x the mean
+    epochs the ``ended`` trials took) / epochs left, where untried = ``budget.n_trials -
+    started`` and ``spent`` counts the epochs of every trial so far. Below 1 the budget reaches
+    every untried trial at the study's own cost per trial, so the epochs a stop would save could
+    buy nothing; ``inf`` before any trial ended (no cost estimate) or once the budget is spent."""
+    left = float(budget.epochs) - float(spent)
+    if not len(ended) or left <= 0:
+        return math.inf
+    untried = max(budget.n_trials - int(started), 0)
+    return untried * float(np.mean(np.asarray(ended, dtype=np.float64))) / left
+
+
+def gate_by_budget(d: Decision, pressure: float, curve: Curve) -> Decision:
+    """``d``, except that a stop is vetoed when ``pressure < 1`` (see ``budget_pressure``):
+    spending the budget on this trial beats leaving it unspent. A rule that stops every trial
+    early (e.g. on a task whose good runs start slowly) would otherwise run out of trials with
+    most of the budget unused."""
+    if not d.stop or pressure >= 1.0:
+        return d
+    o = _observed(curve)
+    remaining = 0.0 if o is None else max(float(curve.horizon) - o[0], 0.0)
+    return replace(d, stop=False, expected_remaining_epochs=remaining,
+                   reason=f"the rule would stop ({d.reason}), but the budget reaches every "
+                          f"untried trial (pressure {pressure:.2f} < 1): keep running")
+
+
+# final-value quantiles the opportunity rule keeps per decision: both tails geometrically down
+# to 1e-5, so that a small chance of a large gain still counts (39 levels, ascending)
+_TAILS = np.geomspace(0.5, 1e-5, 20)
+OPPORTUNITY_LEVELS: tuple[float, ...] = tuple(
+    sorted({round(float(x), 12) for x in np.concatenate([_TAILS, 1.0 - _TAILS])}))
+OPPORTUNITY_MIN_TRIALS = 3  # ended trials with predictions before the opportunity rule fires
+
+
+def expected_gain(values: Any, incumbent: float, direction: str = "max") -> Any:
+    """E[max(0, gain over the incumbent)] from the final value's quantiles at
+    ``OPPORTUNITY_LEVELS`` (the last axis of ``values``): the integral of P(gain > g) over
+    g > 0, by trapezoids between the levels (P taken as 1 below the first, 0 beyond the last).
+    A float for one row, an array for several."""
+    v = np.asarray(values, dtype=np.float64)
+    lv = np.asarray(OPPORTUNITY_LEVELS)
+    if direction == "max":
+        x, surv, inc = v, 1.0 - lv, incumbent  # P(F > x_j) = 1 - level_j
+    else:
+        x, surv, inc = -v[..., ::-1], lv[::-1], -incumbent  # the gain of -F over -incumbent
+    seg = np.clip(x[..., 1:] - np.maximum(x[..., :-1], inc), 0.0, None)
+    out = np.clip(x[..., 0] - inc, 0.0, None) + seg @ (0.5 * (surv[1:] + surv[:-1]))
+    return float(out) if out.ndim == 0 else out
+
+
+class Opportunity:
+    """The opportunity-cost half of budget-aware early stopping (``budget=`` in the Optuna
+    pruner and the Ray scheduler).
+
+    It remembers every trial's predicted final value (its quantiles at ``OPPORTUNITY_LEVELS``)
+    at each decision, keyed by the number of values observed. ``apply`` stops a running trial
+    whose expected improvement over the incumbent, per share of a full run still ahead of it,
+    is below ``c`` x the mean expected improvement the ended trials offered at the same point
+    (each from its prediction after min(k, its last decision's) values, against today's
+    incumbent), with ``c = 1 - 1/pressure`` (``budget_pressure``): nothing while the budget is
+    ample, up to the full comparison when the trials far outnumber what the budget reaches.
+    This is successive halving's rung comparison in expectation, with no constant to tune.
+    It needs ``OPPORTUNITY_MIN_TRIALS`` ended trials with predictions, and never fires before
+    the rule's ``min_epochs`` values. State: ``preds`` (plain JSON-able lists).
+    """
+
+    def __init__(self) -> None:
+        self.preds: dict[str, dict[int, list[float]]] = {}
+
+    def record(self, trial: str, curve: Curve, d: Decision) -> bool:
+        """Keep ``d``'s final quantiles for ``trial`` at its number of observed values (False
+        when ``d`` lacks ``OPPORTUNITY_LEVELS``, e.g. a backend that does not return them)."""
+        o = _observed(curve)
+        fq = d.final_quantiles
+        if o is None or any(q not in fq for q in OPPORTUNITY_LEVELS):
+            return False
+        self.preds.setdefault(str(trial), {})[o[1]] = [float(fq[q]) for q in OPPORTUNITY_LEVELS]
+        return True
+
+    def reference(self, n_obs: int, incumbent: float, direction: str,
+                  ended: Sequence[str]) -> tuple[float, int]:
+        """(mean expected improvement of the ``ended`` trials at ``n_obs`` values, how many)."""
+        gains = []
+        for t in ended:
+            p = self.preds.get(str(t))
+            if not p:
+                continue
+            below = [k for k in p if k <= n_obs]
+            gains.append(float(expected_gain(p[max(below) if below else min(p)], incumbent,
+                                             direction)))
+        return (float(np.mean(gains)) if gains else math.nan), len(gains)
+
+    def apply(self, d: Decision, trial: str, curve: Curve, incumbent: float | None,
+              pressure: float, ended: Sequence[str], min_epochs: int = 2) -> Decision:
+        """``d``, or a stop when the opportunity rule fires (see the class); call ``record``
+        for this decision first."""
+        o = _observed(curve)
+        if d.stop or incumbent is None or o is None or not 1.0 < pressure < math.inf:
+            return d
+        last, n_obs = o
+        own = self.preds.get(str(trial), {}).get(n_obs)
+        h = float(curve.horizon)
+        if own is None or n_obs < min_epochs or last >= h:
+            return d
+        direction = getattr(curve, "direction", "max")
+        ref, n = self.reference(n_obs, float(incumbent), direction, ended)
+        if n < OPPORTUNITY_MIN_TRIALS:
+            return d
+        c = 1.0 - 1.0 / pressure
+        share = (h - last) / h
+        ei = float(expected_gain(own, float(incumbent), direction))
+        if ei >= c * share * ref:
+            return d
+        return replace(d, stop=True, expected_remaining_epochs=0.0,
+                       reason=f"opportunity cost: expected improvement {ei:.3g} for the "
+                              f"{share:.0%} of a run still ahead < {c:.2f} (budget pressure "
+                              f"{pressure:.2f}) x {share:.2f} x {ref:.3g}, what {n} ended "
+                              f"trial(s) offered at {n_obs} values")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {t: {str(k): v for k, v in p.items()} for t, p in self.preds.items()}
+
+    @classmethod
+    def from_state_dict(cls, d: Mapping[str, Any]) -> Opportunity:
+        out = cls()
+        out.preds = {str(t): {int(k): [float(x) for x in v] for k, v in p.items()}
+                     for t, p in d.items()}
+        return out
+
+
 # ---------------------------------------------------------------------------------------------
 # dict (JSON) helpers: no torch, usable by the HTTP client
 

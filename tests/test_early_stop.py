@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,9 +14,13 @@ import torch
 from pfn import Curve, CurveError, Predictor
 from pfn.early_stop import (
     CAL_LEVELS,
+    OPPORTUNITY_LEVELS,
+    Budget,
     Calibrator,
     Decision,
+    Opportunity,
     StopRule,
+    budget_pressure,
     calibrate_decision,
     calibration_prefixes,
     checked_epochs,
@@ -24,7 +29,9 @@ from pfn.early_stop import (
     decision_from_dict,
     decision_to_dict,
     early_stop_json,
+    expected_gain,
     final_score,
+    gate_by_budget,
     rule_from_dict,
     rule_to_dict,
 )
@@ -311,3 +318,89 @@ def test_min_delta_shifts_what_counts_as_improving(pred: Predictor, direction: s
     assert "min_delta" not in rule_to_dict(StopRule())  # the default stays off the wire
     with pytest.raises(CurveError, match=r"rule\.min_delta"):
         StopRule(min_delta=-0.1)
+
+
+def test_budget_pressure_and_gate(pred: Predictor) -> None:
+    """Pressure = untried trials x mean epochs of the ended ones / epochs left; the gate
+    vetoes a stop only below 1, keeps the numbers, and says why."""
+    b = Budget(n_trials=10, epochs=100)
+    assert budget_pressure(b, started=4, spent=40, ended=[10, 20, 6]) == pytest.approx(
+        6 * 12 / 60)
+    assert budget_pressure(b, 4, 40, []) == math.inf  # no cost estimate yet
+    assert budget_pressure(b, 4, 100, [10]) == math.inf  # budget spent: stopping is all left
+    assert budget_pressure(b, 12, 40, [10]) == 0.0  # every planned trial started
+    for kw, field in (({"n_trials": 0, "epochs": 5}, "budget.n_trials"),
+                      ({"n_trials": 3, "epochs": math.nan}, "budget.epochs"),
+                      ({"n_trials": True, "epochs": 5}, "budget.n_trials")):
+        with pytest.raises(CurveError) as e:
+            Budget(**kw)
+        assert e.value.field == field
+    c = _acc(n=5, horizon=40, top=0.2)
+    d = decide(pred, [c], [0.9], StopRule(delta=0.5))[0]
+    assert d.stop and d.expected_remaining_epochs == 0
+    kept = gate_by_budget(d, 0.5, c)
+    assert not kept.stop and kept.expected_remaining_epochs == 35
+    assert "budget" in kept.reason and kept.prob_improve == d.prob_improve
+    assert gate_by_budget(d, 1.0, c) is d and gate_by_budget(d, math.inf, c) is d
+    going = decide(pred, [c], [0.0])[0]
+    assert not going.stop and gate_by_budget(going, 0.1, c) is going
+
+
+def _point(v: float, stop: bool = False) -> Decision:
+    """A decision whose predicted final value is the point v (every quantile)."""
+    return Decision(stop=stop, prob_improve=0.5, prob_improve_final=0.5, final_mean=v,
+                    final_quantiles={q: v for q in OPPORTUNITY_LEVELS}, reason="",
+                    expected_remaining_epochs=8.0)
+
+
+def test_opportunity_rule_prices_the_remaining_epochs() -> None:
+    """Stop when E[gain] < (1 - 1/pressure) x share of the run left x the ended trials' mean
+    E[gain] at the same point; never with an ample budget, too few ended trials, before
+    min_epochs, or for a trial the rule already stops."""
+    def at(n: int, horizon: float = 10) -> Curve:
+        return Curve(list(range(1, n + 1)), [0.3] * n, horizon)
+
+    opp = Opportunity()
+    for t, finals in (("a", {2: 0.7, 5: 0.95}), ("b", {2: 0.6}), ("c", {2: 0.8})):
+        for n, v in finals.items():
+            assert opp.record(t, at(n), _point(v))
+    assert not opp.record("x", at(2), replace(_point(0.5), final_quantiles={0.5: 0.5}))
+    ended = ["a", "b", "c"]
+    assert opp.reference(2, 0.5, "max", ended) == (pytest.approx(0.2), 3)
+    assert opp.reference(6, 0.5, "max", ended)[0] == pytest.approx((0.45 + 0.1 + 0.3) / 3)
+    assert opp.reference(2, 0.5, "min", ended)[0] == 0.0  # a loss: nothing predicted below
+    # the bar at 2 of 10 epochs, pressure 5: 0.8 x 0.8 x 0.2 = 0.128
+    for own, stops in ((0.62, True), (0.63, False)):
+        opp.record("r", at(2), _point(own))
+        got = opp.apply(_point(own), "r", at(2), 0.5, 5.0, ended)
+        assert got.stop is stops
+        if stops:
+            assert "opportunity cost" in got.reason and got.expected_remaining_epochs == 0
+    opp.record("r", at(2), _point(0.5))
+    d = _point(0.5)
+    assert opp.apply(d, "r", at(2), 0.5, 1.0, ended) is d  # budget reaches everything
+    assert opp.apply(d, "r", at(2), 0.5, math.inf, ended) is d  # no cost estimate / spent
+    assert opp.apply(d, "r", at(2), 0.5, 5.0, ended[:2]) is d  # too few ended trials
+    assert opp.apply(d, "r", at(2), 0.5, 5.0, ended, min_epochs=3) is d
+    assert opp.apply(d, "r", at(2), None, 5.0, ended) is d
+    assert opp.apply(d, "new", at(2), 0.5, 5.0, ended) is d  # no recorded prediction
+    assert opp.apply(d, "r", at(2), 0.5, 5.0, ended).stop
+    back = Opportunity.from_state_dict(json.loads(json.dumps(opp.state_dict())))
+    assert back.preds == opp.preds
+
+
+def test_expected_gain_of_a_gaussian_and_its_mirror() -> None:
+    """The trapezoid estimate on OPPORTUNITY_LEVELS against the closed form
+    sigma * (phi(z) - z * (1 - Phi(z))), z = (inc - mu) / sigma; a loss mirrors an accuracy."""
+    lv = torch.tensor(OPPORTUNITY_LEVELS, dtype=torch.float64)
+    normal = torch.distributions.Normal(torch.tensor(0.5, dtype=torch.float64),
+                                        torch.tensor(0.1, dtype=torch.float64))
+    q = normal.icdf(lv).numpy()
+    for inc in (0.3, 0.5, 0.6, 0.7):
+        z = (inc - 0.5) / 0.1
+        exact = 0.1 * (math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+                       - z * 0.5 * math.erfc(z / math.sqrt(2)))
+        assert expected_gain(q, inc) == pytest.approx(exact, rel=0.08)
+        assert expected_gain(1 - q[::-1], 1 - inc, "min") == pytest.approx(expected_gain(q, inc))
+    rows = expected_gain(np.stack([q, q + 0.2]), 0.5)
+    assert rows.shape == (2,) and rows[0] == pytest.approx(expected_gain(q, 0.5))

@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 
 from pfn import Curve, Predictor
-from pfn.early_stop import MAX_CHECKED_EPOCHS, StopRule, decide, final_score
+from pfn.early_stop import (
+    MAX_CHECKED_EPOCHS,
+    Budget,
+    Decision,
+    Opportunity,
+    StopRule,
+    budget_pressure,
+    decide,
+    final_score,
+)
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "early_stopping.py"
 
@@ -209,3 +218,56 @@ def test_opportunity_policy_pieces(es, pred: Predictor, tmp_path: Path,
         seen = dict(p.runs)
         assert all(k <= seen[i] for i, k in e.runs if i in seen)
     assert sum(r.spent for r in eager) < sum(r.spent for r in paper)
+
+
+def test_budget_policy_is_the_paper_rule_gated_by_pressure(es, pred: Predictor,
+                                                           tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """60 trials, a budget of 20 runs: the gate-only policy stops exactly when the paper's rule
+    would and the API's budget pressure of the replay is >= 1; both sides of 1 occur."""
+    f = write(tmp_path / "b.npz", synthetic(n=60, T=12, seed=4, ragged=False))
+    task = es.load_tasks(f, min_trials=1)[0]
+    cache = es.ThresholdCache(pred, task, (0.05,), max_checked=4)
+    paper = es.CurvecastPolicy(cache, 0)
+    seen: list[float] = []
+
+    class Spy(es.BudgetPolicy):  # type: ignore[name-defined,misc]
+        def decide(self, rs, task):  # type: ignore[no-untyped-def]
+            got = super().decide(rs, task)
+            for r, g, p in zip(rs, got, paper.decide(rs, task), strict=True):
+                pr = es.replay_pressure(r)
+                assert g == (p and pr >= 1.0)
+                assert pr == pytest.approx(budget_pressure(
+                    Budget(task.n, task.budget), r.pos + 1, r.spent, [k for _, k in r.runs]))
+                seen.append(pr)
+            return got
+
+    orders = np.stack([np.random.default_rng(s).permutation(task.n) for s in range(2)])
+    reps = es.run_policy(task, orders, Spy(cache, 0, opportunity=False))
+    assert min(seen) < 1.0 <= max(seen)
+    assert all(r.spent == r.budget for r in reps)  # the gate spends the budget
+    assert Spy(cache, 0).name == "curvecast-d0.05-bud"
+
+    # the opportunity half is the API's Opportunity.apply on the same predictions
+    checked: list[bool] = []
+
+    class Twin(es.BudgetPolicy):  # type: ignore[name-defined,misc]
+        def opportunity_stop(self, i, k, r, task, pressure):  # type: ignore[no-untyped-def]
+            got = super().opportunity_stop(i, k, r, task, pressure)
+            opp = Opportunity()
+            for n, rows in enumerate(r.ctx["pop"]):
+                opp.preds[str(n)] = {self.min_epochs + m: rows[m].tolist()
+                                     for m in range(len(rows))}
+            own = es.opportunity_draws(self.cache.final[(i, k)][0])[0]
+            opp.preds["run"] = {k: own.tolist()}
+            curve = Curve(task.x[i, :k], task.s[i, :k], float(task.horizon[i]))
+            d = Decision(stop=False, prob_improve=1.0, prob_improve_final=1.0, final_mean=0.0,
+                         final_quantiles={}, expected_remaining_epochs=1.0, reason="")
+            api = opp.apply(d, "run", curve, r.best_s, pressure,
+                            [str(n) for n in range(len(r.ctx["pop"]))]).stop
+            assert got == api
+            checked.append(got)
+            return got
+
+    strict = es.ThresholdCache(pred, task, (1e-4,), max_checked=4)  # the rule stops less
+    es.run_policy(task, orders, Twin(strict, 0))
+    assert True in checked and False in checked

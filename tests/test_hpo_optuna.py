@@ -11,7 +11,13 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from pfn import Curve, CurvecastError, Predictor  # noqa: E402
-from pfn.early_stop import StopRule, curve_to_dict, early_stop_json, rule_to_dict  # noqa: E402
+from pfn.early_stop import (  # noqa: E402
+    Budget,
+    StopRule,
+    curve_to_dict,
+    early_stop_json,
+    rule_to_dict,
+)
 from pfn.hpo import Decider  # noqa: E402
 from pfn.hpo.optuna import CurvecastPruner  # noqa: E402
 
@@ -202,13 +208,67 @@ def test_real_server_and_client_backend(pred: Predictor) -> None:
     from serve.testing import LocalServer
 
     env = {"CURVECAST_WARMUP": "0", "CURVECAST_THREADS": "1", "CURVECAST_RUNTIME": "torch"}
+    budget = Budget(n_trials=len(TOPS), epochs=3 * HORIZON)
     with LocalServer(env=env) as srv:
         remote = run("maximize", Client(srv.url))
+        remote_b = run("maximize", Client(srv.url), budget=budget)
     local = run("maximize", pred)
     assert_same_trials(remote, local, "curvecast_final_mean", 1e-4)
+    # with a budget the client asks the server for the opportunity rule's quantiles too
+    local_b = run("maximize", pred, budget=budget)
+    assert [t.state for t in remote_b.trials] == [t.state for t in local_b.trials]
+    got, want = remote_b.pruner.opportunity.preds, local_b.pruner.opportunity.preds
+    assert got.keys() == want.keys() and len(got) >= 2
+    for k in got:
+        for n in got[k]:
+            assert got[k][n] == pytest.approx(want[k][n], abs=1e-4)
     # a user error answered with a 4xx is raised, not swallowed by fail_open
     with LocalServer(env=env) as srv:
         study = optuna.create_study(direction="maximize",
                                     pruner=CurvecastPruner(1, Client(srv.url), rule=RULE))
         with pytest.raises(ValueError, match="horizon"):
             study.optimize(make_objective(False), n_trials=3)
+
+
+def test_budget_gate_prunes_only_while_the_budget_is_short(pred: Predictor) -> None:
+    """Budget of 3 full runs for 5 trials: the first two complete (24 of 36 epochs), the bad
+    trials 2 and 3 are pruned at once (untried trials need more than the budget left), the last
+    one is kept (no untried trial: a stop would save nothing) until the budget is spent."""
+    study = run("maximize", pred, budget=Budget(n_trials=len(TOPS), epochs=3 * HORIZON))
+    TS = optuna.trial.TrialState
+    assert [t.state for t in study.trials] == [TS.COMPLETE] * 2 + [TS.PRUNED] * 3
+    assert [len(t.intermediate_values) for t in study.trials] == [12, 12, 2, 2, 8]
+    kept = study.trials[4]
+    assert kept.user_attrs["curvecast_stop"] and kept.last_step == 7  # 36 epochs spent
+    # a budget that reaches every trial vetoes every stop (without one the bad trials are
+    # pruned at their second step: test_prunes_bad_trials_and_records_predictions)
+    ample = run("maximize", pred, budget=Budget(n_trials=len(TOPS), epochs=len(TOPS) * HORIZON))
+    assert all(t.state == TS.COMPLETE for t in ample.trials)
+    with pytest.raises(CurvecastError, match="budget"):
+        CurvecastPruner(HORIZON, pred, budget=(5, 60))  # type: ignore[arg-type]
+
+
+def test_opportunity_rule_prunes_what_the_paper_rule_keeps(pred: Predictor) -> None:
+    """delta 0 (the rule alone never prunes) and a budget far short of 40 trials: after three
+    trials ended with predictions, a poor one is pruned for its opportunity cost."""
+    tops = [0.9, 0.88, 0.89, 0.87, 0.05]
+
+    def objective(trial: Any) -> float:
+        t = np.arange(1, HORIZON + 1)
+        y = tops[trial.number] * (1 - np.exp(-t / 2))
+        for step in range(HORIZON):
+            trial.report(float(y[step]), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return float(y[-1])
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruner = CurvecastPruner(HORIZON, pred, rule=StopRule(delta=0.0), bounds=(0, 1),
+                             n_startup_trials=1, budget=Budget(n_trials=40, epochs=10 * HORIZON))
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    study.optimize(objective, n_trials=len(tops))
+    TS = optuna.trial.TrialState
+    assert [t.state for t in study.trials] == [TS.COMPLETE] * 4 + [TS.PRUNED]
+    a = study.trials[4].user_attrs
+    assert "opportunity cost" in a["curvecast_reason"] and a["curvecast_step"] == 1
+    assert set(a["curvecast_final_quantiles"]) == {"0.05", "0.5", "0.95"}

@@ -16,7 +16,7 @@ from ray.tune.experiment import Trial  # noqa: E402
 from ray.tune.schedulers import TrialScheduler  # noqa: E402
 
 from pfn import Curve, CurvecastError, Predictor  # noqa: E402
-from pfn.early_stop import StopRule, decide  # noqa: E402
+from pfn.early_stop import Budget, StopRule, decide  # noqa: E402
 from pfn.hpo.ray import CurvecastScheduler  # noqa: E402
 
 HORIZON = 12
@@ -172,3 +172,53 @@ def test_nothing_stops_before_n_startup_trials_completed(pred: Predictor) -> Non
     assert STOP in play(s, Trial("f", stub=True), acc(0.05))  # 2 completed: the rule decides
     with pytest.raises(CurvecastError, match="n_startup_trials"):
         CurvecastScheduler(HORIZON, pred, n_startup_trials=-1)
+
+
+def test_budget_gate_and_its_state(pred: Predictor, tmp_path: Path) -> None:
+    """A budget that reaches the untried trials vetoes the stop; a short one lets it happen;
+    the ended trials (which set the cost per trial) survive save/restore."""
+    def sched(epochs: float) -> CurvecastScheduler:
+        return CurvecastScheduler(HORIZON, pred, metric="acc", mode="max", rule=RULE,
+                                  bounds=(0, 1), n_startup_trials=1,
+                                  budget=Budget(n_trials=3, epochs=epochs))
+
+    ample, short = sched(100), sched(20)
+    for s in (ample, short):
+        play(s, Trial("f", stub=True), acc(0.9))
+    # second trial, 2 results: untried 1 x 12 epochs against 100 - 14 left, or 20 - 14
+    assert play(ample, Trial("f", stub=True), acc(0.05)[:4]) == [CONTINUE] * 4
+    assert "budget reaches every untried" in list(ample.decisions.values())[-1]["reason"]
+    assert play(short, Trial("f", stub=True), acc(0.05)) == [CONTINUE, STOP]
+    assert short.pressure() == pytest.approx(1 * (12 + 2) / 2 / (20 - 14))
+    path = tmp_path / "s.json"
+    short.save(str(path))
+    fresh = sched(20)
+    fresh.restore(str(path))
+    assert fresh.ended == short.ended and len(fresh.ended) == 2
+    assert fresh.pressure() == short.pressure()
+    with pytest.raises(CurvecastError, match="budget"):
+        CurvecastScheduler(HORIZON, pred, budget={"n_trials": 3})  # type: ignore[arg-type]
+
+
+def test_opportunity_rule_stops_what_the_paper_rule_keeps(pred: Predictor,
+                                                          tmp_path: Path) -> None:
+    """A rule that never stops on its own (delta 0) and a budget far short of 40 trials: once
+    three trials ended with predictions, a poor one is stopped for its opportunity cost; the
+    predictions survive save/restore, and the shown quantiles are only the asked ones."""
+    s = CurvecastScheduler(HORIZON, pred, metric="acc", mode="max", rule=StopRule(delta=0.0),
+                           bounds=(0, 1), n_startup_trials=1,
+                           budget=Budget(n_trials=40, epochs=10 * HORIZON))
+    for top in (0.9, 0.88, 0.89, 0.87):
+        assert STOP not in play(s, Trial("f", stub=True), acc(top))
+    poor = Trial("f", stub=True)
+    got = play(s, poor, acc(0.05))
+    assert got == [CONTINUE] * (RULE.min_epochs - 1) + [STOP]
+    last = s.decisions[poor.trial_id]
+    assert "opportunity cost" in last["reason"] and set(last["final_quantiles"]) == {
+        "0.05", "0.5", "0.95"}
+    assert len(s.opportunity.preds) == 4  # every trial decided with an incumbent
+    path = tmp_path / "s.json"
+    s.save(str(path))
+    fresh = CurvecastScheduler(1, pred)
+    fresh.restore(str(path))
+    assert fresh.opportunity.preds == s.opportunity.preds

@@ -32,14 +32,11 @@ def train_command(
     except (ValueError, OSError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
-    tr = Trainer(cfg)
-    try:
+    with Trainer(cfg) as tr:
         last = tr.run(max_steps=max_steps, progress=progress)
         if export is not None and tr.dist.main:
             digest = tr.export(export)
             typer.echo(f"exported {export} sha256={digest}")
-    finally:
-        tr.close()
     if tr.dist.main:
         typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in last.items()))

@@ -9,6 +9,7 @@ output head runs on query tokens only.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -332,14 +333,27 @@ class Trainer:
         model = self.averaged_model()
         return save_model(model.cpu().float().eval(), out_dir or self.out / "model", meta)
 
-    def close(self) -> None:
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.close(clean=exc_type is None)
+
+    def close(self, clean: bool = True) -> None:
+        """Leave the process group cleanly: drop the DDP wrapper (its reducer holds the group
+        and pending gloo work), wait until every rank is here (rank 0 may still be exporting),
+        then destroy the group while the interpreter is fully alive. A rank that tore its gloo
+        pairs down while a peer still used them, or left the group to interpreter shutdown,
+        could die with SIGABRT ("terminate called without an active exception"). After an error
+        (clean=False) the barrier is skipped: the failed peer would never reach it."""
         if self.dist.world > 1 and dist.is_initialized():
+            self.fwd = self.ddp = self.model
+            gc.collect()
+            if clean:
+                dist.barrier()
             dist.destroy_process_group()
 
 
 def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True) -> dict:
-    tr = Trainer(cfg)
-    try:
+    with Trainer(cfg) as tr:
         return tr.run(max_steps=max_steps, progress=progress)
-    finally:
-        tr.close()

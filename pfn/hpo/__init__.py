@@ -15,6 +15,7 @@ itself imports neither Optuna nor Ray.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -49,7 +50,8 @@ class Decider:
     """
 
     def __init__(self, backend: Any = None, rule: StopRule = StopRule(),
-                 quantiles: Sequence[float] = DEFAULT_QUANTILES, calibrate: bool = True) -> None:
+                 quantiles: Sequence[float] = DEFAULT_QUANTILES, calibrate: bool = True,
+                 keep_levels: Sequence[float] = ()) -> None:
         if backend is not None and not (hasattr(backend, "posterior_all")
                                         or hasattr(backend, "early_stop")):
             raise CurvecastError(
@@ -60,6 +62,7 @@ class Decider:
         self.backend = backend
         self.rule = rule
         self.quantiles = tuple(quantiles)
+        self.keep_levels = tuple(keep_levels)  # also requested and kept (the budget rule's)
         self.calibrator: Calibrator | None = Calibrator() if calibrate else None
         self._default: Predictor | None = None  # lazily loaded, never pickled
 
@@ -80,7 +83,7 @@ class Decider:
         out = self._raw(curves, incumbents, self.rule)
         if self.calibrator is None:
             return out
-        asked = set(self.quantiles)
+        asked = set(self.quantiles) | set(self.keep_levels)
         out = [calibrate_decision(d, self.calibrator, c, x, self.rule)
                for d, c, x in zip(out, curves, incumbents, strict=True)]
         for d in out:
@@ -105,12 +108,15 @@ class Decider:
     def _raw(self, curves: Sequence[Curve], incumbents: Sequence[float | None],
              rule: StopRule) -> list[Decision]:
         b = self._resolve()
-        levels = self.quantiles
+        levels = tuple(dict.fromkeys(self.quantiles + self.keep_levels))
         if self.calibrator is not None:
             levels = tuple(dict.fromkeys(levels + CAL_LEVELS))
         if hasattr(b, "posterior_all"):
             return decide(b, curves, incumbents, rule, levels)
-        got = b.early_stop(list(curves), list(incumbents), rule=rule)
+        kw: dict[str, Any] = {"rule": rule}
+        if _accepts(b.early_stop, "quantiles"):  # e.g. serve.client.Client
+            kw["quantiles"] = list(levels)
+        got = b.early_stop(list(curves), list(incumbents), **kw)
         if isinstance(got, Mapping):
             got = got["decisions"]
         out = [decision_from_dict(d if isinstance(d, (Mapping, Decision)) else _attrs(d))
@@ -118,6 +124,14 @@ class Decider:
         if len(out) != len(curves):
             raise RuntimeError(f"backend returned {len(out)} decisions for {len(curves)} curves")
         return out
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _attrs(obj: Any) -> dict[str, Any]:

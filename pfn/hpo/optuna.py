@@ -20,7 +20,13 @@ complete trial reports. The study's direction sets the metric's direction (a min
 improves downwards). The incumbent is the best final value of the completed trials
 (``incumbent="completed"``, the default) or the best value any trial has reported so far,
 this one included (``"observed"``, the paper's replay setting). Nothing is pruned before
-``n_startup_trials`` (2) trials completed, nor before the rule's ``min_epochs`` values. With
+``n_startup_trials`` (2) trials completed, nor before the rule's ``min_epochs`` values. With a
+``budget=Budget(n_trials, epochs)`` (the study's plan: ``optimize(n_trials=...)`` and the epochs
+all trials together may spend, counted as reported steps) the stopping becomes budget-aware:
+a stop is vetoed while the budget would still reach every untried trial
+(``pfn.early_stop.gate_by_budget``), and while it would not, a trial that offers less expected
+improvement per remaining epoch than the ended trials did at the same point is pruned
+(``pfn.early_stop.Opportunity``; its predictions live in the pruner, in memory). With
 ``calibrate=True`` (default) the trials that complete at the horizon calibrate later decisions
 (``pfn.early_stop.Calibrator``).
 
@@ -47,13 +53,23 @@ from optuna.pruners import BasePruner
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from pfn.early_stop import DEFAULT_QUANTILES, StopRule
+from pfn.early_stop import (
+    DEFAULT_QUANTILES,
+    OPPORTUNITY_LEVELS,
+    Budget,
+    Decision,
+    Opportunity,
+    StopRule,
+    budget_pressure,
+    gate_by_budget,
+)
 from pfn.errors import CurvecastError
 from pfn.hpo import Decider, IncumbentMode, best, check_incumbent_mode
 from pfn.predictor import Curve
 
 log = logging.getLogger(__name__)
 ATTR_PREFIX = "curvecast_"
+ENDED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 class CurvecastPruner(BasePruner):
@@ -73,7 +89,11 @@ class CurvecastPruner(BasePruner):
         quantiles: Sequence[float] = DEFAULT_QUANTILES,
         fail_open: bool = True,
         calibrate: bool = True,
+        budget: Budget | None = None,
     ) -> None:
+        if budget is not None and not isinstance(budget, Budget):
+            raise CurvecastError(f"budget: must be a pfn.early_stop.Budget or None, got "
+                                 f"{type(budget).__name__}")
         if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
             raise CurvecastError(f"horizon: must be an integer >= 1 (steps of a complete "
                                  f"trial), got {horizon!r}")
@@ -88,7 +108,10 @@ class CurvecastPruner(BasePruner):
         self.interval_steps = interval_steps
         self.incumbent = check_incumbent_mode(incumbent)
         self.fail_open = fail_open
-        self.decider = Decider(backend, rule, quantiles, calibrate)
+        self.decider = Decider(backend, rule, quantiles, calibrate,
+                               keep_levels=OPPORTUNITY_LEVELS if budget is not None else ())
+        self.budget = budget
+        self.opportunity = Opportunity()  # the trials' predictions (used with a budget)
         self._calibrated: set[int] = set()  # completed trials the calibrator has seen
 
     def _incumbent(self, study: optuna.study.Study, trial: FrozenTrial,
@@ -131,6 +154,25 @@ class CurvecastPruner(BasePruner):
             if c is not None:
                 self.decider.add_completed(c)
 
+    def pressure(self, study: optuna.study.Study) -> float:
+        """``budget_pressure`` of the study: its trials so far, the steps they reported, and
+        the trials that ended (completed, pruned or failed). Needs ``budget``."""
+        assert self.budget is not None
+        trials = study.get_trials(deepcopy=False)
+        ended = [len(t.intermediate_values) for t in trials if t.state in ENDED]
+        spent = sum(len(t.intermediate_values) for t in trials)
+        return budget_pressure(self.budget, len(trials), spent, ended)
+
+    def _budgeted(self, study: optuna.study.Study, trial: FrozenTrial, curve: Curve,
+                  inc: float, d: Decision) -> Decision:
+        """The budget gate, then the opportunity rule (``pfn.early_stop.Opportunity``)."""
+        p = self.pressure(study)
+        self.opportunity.record(str(trial.number), curve, d)
+        d = gate_by_budget(d, p, curve)
+        ended = [str(t.number) for t in study.get_trials(deepcopy=False, states=ENDED)]
+        return self.opportunity.apply(d, str(trial.number), curve, inc, p, ended,
+                                      self.decider.rule.min_epochs)
+
     def prune(self, study: optuna.study.Study, trial: FrozenTrial) -> bool:
         if len(study.directions) != 1:
             raise CurvecastError("study: CurvecastPruner needs a single-objective study "
@@ -149,6 +191,8 @@ class CurvecastPruner(BasePruner):
         try:
             self._calibrate(study, direction)
             d = self.decider([curve], [inc])[0]
+            if self.budget is not None:
+                d = self._budgeted(study, trial, curve, inc, d)
         except ValueError:  # a user error (CurvecastError, or the client's 4xx): report it
             raise
         except Exception as e:  # a transport or server failure must not kill the study
@@ -160,7 +204,8 @@ class CurvecastPruner(BasePruner):
         storage, tid = study._storage, trial._trial_id  # as Optuna's own pruners do
         attrs: dict[str, Any] = {
             "final_mean": d.final_mean,
-            "final_quantiles": {repr(q): v for q, v in d.final_quantiles.items()},
+            "final_quantiles": {repr(q): v for q, v in d.final_quantiles.items()
+                                if q in self.decider.quantiles},
             "prob_improve": d.prob_improve,
             "prob_improve_final": d.prob_improve_final,
             "step": step,

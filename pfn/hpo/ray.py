@@ -17,7 +17,12 @@ The incumbent is the best final value of the trials that completed without being
 included (``"observed"``). Nothing is stopped before ``n_startup_trials`` (2) trials completed.
 With ``calibrate=True`` (default) the trials that complete at the horizon calibrate later
 decisions (``pfn.early_stop.Calibrator``). ``metric`` and ``mode`` may also come from
-``tune.TuneConfig``.
+``tune.TuneConfig``. With a ``budget=Budget(n_trials, epochs)`` (the experiment's plan:
+``num_samples`` and the results all trials together may report) the stopping becomes
+budget-aware: a stop is vetoed while the budget would still reach every untried trial
+(``pfn.early_stop.gate_by_budget``), and while it would not, a trial that offers less expected
+improvement per remaining epoch than the ended trials did at the same point is stopped
+(``pfn.early_stop.Opportunity``, saved with the state).
 
 State (histories, finals, stopped trials, last decisions, calibration) is saved as JSON by
 ``save(path)`` and read back by ``restore(path)``; ``state_dict()`` / ``load_state_dict()`` give
@@ -44,9 +49,14 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from pfn.early_stop import (
     DEFAULT_QUANTILES,
+    OPPORTUNITY_LEVELS,
+    Budget,
     Calibrator,
+    Opportunity,
     StopRule,
+    budget_pressure,
     decision_to_dict,
+    gate_by_budget,
     rule_from_dict,
     rule_to_dict,
 )
@@ -79,8 +89,12 @@ class CurvecastScheduler(FIFOScheduler):
         fail_open: bool = True,
         calibrate: bool = True,
         n_startup_trials: int = 2,
+        budget: Budget | None = None,
     ) -> None:
         super().__init__()
+        if budget is not None and not isinstance(budget, Budget):
+            raise CurvecastError(f"budget: must be a pfn.early_stop.Budget or None, got "
+                                 f"{type(budget).__name__}")
         if isinstance(horizon, bool) or not isinstance(horizon, (int, float)) \
                 or not (math.isfinite(horizon) and horizon > 0):
             raise CurvecastError(f"horizon: must be a positive number (the {time_attr} of a "
@@ -99,7 +113,11 @@ class CurvecastScheduler(FIFOScheduler):
         self.bounds = bounds
         self.incumbent = check_incumbent_mode(incumbent)
         self.fail_open = fail_open
-        self.decider = Decider(backend, rule, quantiles, calibrate)
+        self.decider = Decider(backend, rule, quantiles, calibrate,
+                               keep_levels=OPPORTUNITY_LEVELS if budget is not None else ())
+        self.budget = budget
+        self.opportunity = Opportunity()  # the trials' predictions (used with a budget)
+        self.ended: set[str] = set()  # trials that completed, were stopped or failed
         self.histories: dict[str, list[list[float]]] = {}  # trial id -> [[time, value], ...]
         self.finals: dict[str, float] = {}  # trials that completed without being stopped
         self.stopped: set[str] = set()
@@ -134,6 +152,7 @@ class CurvecastScheduler(FIFOScheduler):
         tid = trial.trial_id
         if result and self._metric in result:
             self._record(tid, result)
+        self.ended.add(tid)
         hist = self.histories.get(tid)
         if tid not in self.stopped and hist:
             self.finals[tid] = hist[-1][1]
@@ -150,7 +169,7 @@ class CurvecastScheduler(FIFOScheduler):
                                 tid, e)
 
     def on_trial_error(self, tune_controller: TuneController, trial: Trial) -> None:
-        pass  # keep its history: its values were observed
+        self.ended.add(trial.trial_id)  # keep its history: its values were observed
 
     def on_trial_remove(self, tune_controller: TuneController, trial: Trial) -> None:
         pass
@@ -192,6 +211,14 @@ class CurvecastScheduler(FIFOScheduler):
                      horizon=self.horizon, direction=self.direction,  # type: ignore[arg-type]
                      bounds=self.bounds)
 
+    def pressure(self) -> float:
+        """``budget_pressure`` of the experiment: the trials seen so far, the results they
+        reported, and the trials that ended. Needs ``budget``."""
+        assert self.budget is not None
+        ended = [len(self.histories.get(t, ())) for t in self.ended]
+        spent = sum(len(h) for h in self.histories.values())
+        return budget_pressure(self.budget, len(self.histories), spent, ended)
+
     def observe(self, tid: str, result: dict[str, Any]) -> str:
         """Record one result of trial ``tid`` and return CONTINUE or STOP."""
         if not self._record(tid, result):
@@ -204,6 +231,12 @@ class CurvecastScheduler(FIFOScheduler):
             return TrialScheduler.CONTINUE
         try:
             d = self.decider([curve], [inc])[0]
+            if self.budget is not None:  # the gate, then the opportunity rule
+                p = self.pressure()
+                self.opportunity.record(tid, curve, d)
+                d = gate_by_budget(d, p, curve)
+                d = self.opportunity.apply(d, tid, curve, inc, p, sorted(self.ended),
+                                           self.decider.rule.min_epochs)
         except ValueError:  # a user error (CurvecastError, or the client's 4xx): report it
             raise
         except Exception as e:  # transport/server failure: never kill the experiment
@@ -212,9 +245,13 @@ class CurvecastScheduler(FIFOScheduler):
             log.warning("curvecast scheduler: backend failed (%s); trial %s continues", e, tid)
             return TrialScheduler.CONTINUE
         last = float(curve.epochs[-1])
-        self.decisions[tid] = {**decision_to_dict(d), "time": last, "incumbent": inc}
+        dd = decision_to_dict(d)
+        dd["final_quantiles"] = {k: v for k, v in dd["final_quantiles"].items()
+                                 if float(k) in self.decider.quantiles}
+        self.decisions[tid] = {**dd, "time": last, "incumbent": inc}
         if d.stop:
             self.stopped.add(tid)
+            self.ended.add(tid)
             return TrialScheduler.STOP
         return TrialScheduler.CONTINUE
 
@@ -232,6 +269,8 @@ class CurvecastScheduler(FIFOScheduler):
             "histories": self.histories,
             "finals": self.finals,
             "stopped": sorted(self.stopped),
+            "ended": sorted(self.ended),
+            "opportunity": self.opportunity.state_dict(),
             "decisions": self.decisions,
             "calibration": (None if self.decider.calibrator is None
                             else self.decider.calibrator.state_dict()),
@@ -250,6 +289,9 @@ class CurvecastScheduler(FIFOScheduler):
                           for k, h in state["histories"].items()}
         self.finals = {k: float(v) for k, v in state["finals"].items()}
         self.stopped = set(state["stopped"])
+        # (states saved before the budget gate existed: the completed and stopped trials)
+        self.ended = set(state.get("ended", [*self.finals, *self.stopped]))
+        self.opportunity = Opportunity.from_state_dict(state.get("opportunity", {}))
         self.decisions = dict(state["decisions"])
         if "calibration" in state:  # absent in states saved before calibration existed
             cal = state["calibration"]
