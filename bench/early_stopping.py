@@ -42,7 +42,8 @@ at the same point, ``opp``, or at their first decision, ``opps``; see ``Opportun
 ``curvecast-d<delta>-gate`` / ``-bud`` (family ``budget``, not in the defaults: what the Optuna
 pruner and the Ray scheduler do with ``budget=Budget(n_trials, epochs)``, the paper's rule
 vetoed while the budget reaches every untried trial, then the API's opportunity rule while it
-does not; see ``BudgetPolicy``);
+does not; see ``BudgetPolicy``; ``curvecast-cal2-d<delta>-bud``: the same with the
+integrations' default calibration and two protected trials);
 ``patience-<k>`` (stop
 a trial after k points without improving on its own best; k = 0 stops at the first point
 that does not improve); Optuna's ``MedianPruner``, ``SuccessiveHalvingPruner`` and
@@ -645,6 +646,39 @@ class CalibratedPolicy(Policy):
         return out
 
 
+class CalibratedBudgetPolicy(BudgetPolicy):
+    """What the integrations do by default with a budget: ``BudgetPolicy`` whose all-epochs
+    rule is ``CalibratedPolicy``'s (online calibration, veto only; the first ``startup``
+    trials of an ordering are never stopped, ``n_startup_trials=2``)."""
+
+    def __init__(self, cache: ThresholdCache, j: int, startup: int = 2,
+                 min_epochs: int = 2) -> None:
+        super().__init__(cache, j, True, min_epochs)
+        self.cal = CalibratedPolicy(cache, j, min_epochs, startup=startup)
+        self.startup = startup
+        self.name = f"curvecast-cal{startup}-d{cache.deltas[j]:g}-bud"
+
+    def start(self, r: Replay, task: Task, i: int) -> None:
+        super().start(r, task, i)
+        self.cal.start(r, task, i)
+
+    def end(self, r: Replay, task: Task, i: int, completed: bool) -> None:
+        super().end(r, task, i, completed)
+        self.cal.end(r, task, i, completed)
+
+    def decide(self, rs: list[Replay], task: Task) -> list[bool]:
+        pairs = self.cache.fetch(rs, self.min_epochs)
+        rule = self.cal.decide(rs, task)
+        out = []
+        for (i, k), r, stop in zip(pairs, rs, rule, strict=True):
+            p = replay_pressure(r)
+            if k < self.min_epochs or p < 1.0 or r.trials_started <= self.startup:
+                out.append(False)
+            else:
+                out.append(stop or self.opportunity_stop(i, k, r, task, p))
+        return out
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics
 
@@ -766,6 +800,7 @@ def run_task(task: Task, predictor: Predictor | None, policies: Sequence[str],
         if "budget" in policies:
             todo += [BudgetPolicy(cache, j, opportunity=o) for j in range(len(deltas))
                      for o in (False, True)]
+            todo += [CalibratedBudgetPolicy(cache, j) for j in range(len(deltas))]
         if "calibrated" in policies:
             todo += [CalibratedPolicy(cache, j, startup=st, prior_weight=w, two_sided=x)
                      for st, w, x in CALIBRATED_VARIANTS for j in range(len(deltas))]

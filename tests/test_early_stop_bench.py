@@ -271,3 +271,19 @@ def test_budget_policy_is_the_paper_rule_gated_by_pressure(es, pred: Predictor,
     strict = es.ThresholdCache(pred, task, (1e-4,), max_checked=4)  # the rule stops less
     es.run_policy(task, orders, Twin(strict, 0))
     assert True in checked and False in checked
+
+
+def test_calibrated_budget_policy_protects_the_first_trials(es, pred: Predictor,
+                                                            tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The integrations' default with a budget: the first two trials of every ordering run to
+    their end; later trials are stopped (by the calibrated rule or the opportunity rule)."""
+    f = write(tmp_path / "b.npz", synthetic(n=60, T=12, seed=4, ragged=False))
+    task = es.load_tasks(f, min_trials=1)[0]
+    cache = es.ThresholdCache(pred, task, (0.05,), max_checked=4)
+    pol = es.CalibratedBudgetPolicy(cache, 0)
+    assert pol.name == "curvecast-cal2-d0.05-bud"
+    orders = np.stack([np.random.default_rng(s).permutation(task.n) for s in range(2)])
+    reps = es.run_policy(task, orders, pol)
+    for r in reps:
+        assert [k for _, k in r.runs[:2]] == [12, 12]
+        assert any(k < 12 for _, k in r.runs[2:])  # something was stopped later
