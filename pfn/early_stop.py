@@ -213,11 +213,12 @@ class Opportunity:
     ample, up to the full comparison when the trials far outnumber what the budget reaches.
     This is successive halving's rung comparison in expectation, with no constant to tune.
     It needs ``OPPORTUNITY_MIN_TRIALS`` ended trials with predictions, and never fires before
-    the rule's ``min_epochs`` values. State: ``preds`` (plain JSON-able lists).
+    the rule's ``min_epochs`` values. State: ``preds`` (float32 rows; ``state_dict`` gives
+    plain JSON).
     """
 
     def __init__(self) -> None:
-        self.preds: dict[str, dict[int, list[float]]] = {}
+        self.preds: dict[str, dict[int, Any]] = {}  # trial -> {values observed: quantiles}
 
     def record(self, trial: str, curve: Curve, d: Decision) -> bool:
         """Keep ``d``'s final quantiles for ``trial`` at its number of observed values (False
@@ -226,7 +227,8 @@ class Opportunity:
         fq = d.final_quantiles
         if o is None or any(q not in fq for q in OPPORTUNITY_LEVELS):
             return False
-        self.preds.setdefault(str(trial), {})[o[1]] = [float(fq[q]) for q in OPPORTUNITY_LEVELS]
+        self.preds.setdefault(str(trial), {})[o[1]] = np.array(
+            [fq[q] for q in OPPORTUNITY_LEVELS], dtype=np.float32)
         return True
 
     def reference(self, n_obs: int, incumbent: float, direction: str,
@@ -270,12 +272,13 @@ class Opportunity:
                               f"trial(s) offered at {n_obs} values")
 
     def state_dict(self) -> dict[str, Any]:
-        return {t: {str(k): v for k, v in p.items()} for t, p in self.preds.items()}
+        return {t: {str(k): np.asarray(v, dtype=np.float64).tolist() for k, v in p.items()}
+                for t, p in self.preds.items()}
 
     @classmethod
     def from_state_dict(cls, d: Mapping[str, Any]) -> Opportunity:
         out = cls()
-        out.preds = {str(t): {int(k): [float(x) for x in v] for k, v in p.items()}
+        out.preds = {str(t): {int(k): np.asarray(v, dtype=np.float32) for k, v in p.items()}
                      for t, p in d.items()}
         return out
 

@@ -221,4 +221,4 @@ def test_opportunity_rule_stops_what_the_paper_rule_keeps(pred: Predictor,
     s.save(str(path))
     fresh = CurvecastScheduler(1, pred)
     fresh.restore(str(path))
-    assert fresh.opportunity.preds == s.opportunity.preds
+    assert fresh.opportunity.state_dict() == s.opportunity.state_dict()
