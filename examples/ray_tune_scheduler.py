@@ -2,12 +2,15 @@
 
     pip install 'curvecast[ray]'
     python examples/ray_tune_scheduler.py [--samples 12] [--epochs 20]
+    python examples/ray_tune_scheduler.py --samples 16 --epochs 12 --budget-runs 6   # budget-aware
 
 Each trial trains a small MLP on a synthetic task and reports validation accuracy once per
 epoch (``training_iteration`` counts epochs from 1, so ``horizon`` is the number of epochs).
 The scheduler's state is saved as JSON at the end (``save``/``restore``). To use a curvecast
 server instead of in-process inference, pass a client with an ``early_stop(curves, incumbents,
-rule=...)`` method as ``backend`` (see ``pfn.hpo``).
+rule=...)`` method as ``backend`` (see ``pfn.hpo``). With ``--budget-runs R`` the scheduler
+knows the plan, ``Budget(num_samples, R x epochs)``, and stops budget-aware
+(docs/early-stopping.md).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from pfn.early_stop import StopRule
+from pfn.early_stop import Budget, StopRule
 from pfn.hpo.ray import CurvecastScheduler
 
 
@@ -49,14 +52,18 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--delta", type=float, default=0.05)
     ap.add_argument("--state", help="save the scheduler's state (JSON) to this file")
+    ap.add_argument("--budget-runs", type=float, default=None,
+                    help="budget-aware stopping: all trials together may train this many full "
+                    "runs' worth of epochs")
     a = ap.parse_args()
+    budget = None if a.budget_runs is None else Budget(a.samples, a.budget_runs * a.epochs)
     import torch
 
     # The scheduler's in-process inference runs in this driver: a single trial's decision is a
     # tiny batch, fastest on one thread (two threads on a busy CPU can be ~50x slower).
     torch.set_num_threads(1)
     sched = CurvecastScheduler(a.epochs, metric="acc", mode="max", bounds=(0.0, 1.0),
-                               rule=StopRule(delta=a.delta))
+                               rule=StopRule(delta=a.delta), budget=budget)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
