@@ -28,6 +28,12 @@ Rules (``StopRule.kind``); none fires before ``min_epochs`` values are observed:
   epochs, is at most ``min_gain_per_epoch`` (metric units per epoch; required for this kind).
   A cost-aware rule: a trial far from its end must promise more to keep running.
 
+Budget-aware stopping (study-level, used by the integrations with ``budget=Budget(n_trials,
+epochs)``): ``budget_pressure`` says how far the budget left falls short of the untried trials;
+``gate_by_budget`` vetoes a stop while it does not (pressure < 1), and ``Opportunity`` adds a
+stop, while it does, for a trial that offers less expected improvement per remaining epoch than
+the ended trials did at the same point (weighted by 1 - 1/pressure).
+
 ``Decision.expected_remaining_epochs`` is ``0`` when the decision is to stop, else the epochs
 left until the horizon (what continuing the trial costs if nothing stops it later). A trial
 observed at its horizon is complete: ``stop`` is False (an HPO library must not mark a finished
