@@ -157,19 +157,23 @@ class CurvecastPruner(BasePruner):
     def pressure(self, study: optuna.study.Study) -> float:
         """``budget_pressure`` of the study: its trials so far, the steps they reported, and
         the trials that ended (completed, pruned or failed). Needs ``budget``."""
+        return self._plan(study.get_trials(deepcopy=False))[0]
+
+    def _plan(self, trials: Sequence[FrozenTrial]) -> tuple[float, list[str]]:
+        """(budget pressure, the ended trials' keys) from one read of the study's trials."""
         assert self.budget is not None
-        trials = study.get_trials(deepcopy=False)
-        ended = [len(t.intermediate_values) for t in trials if t.state in ENDED]
-        spent = sum(len(t.intermediate_values) for t in trials)
-        return budget_pressure(self.budget, len(trials), spent, ended)
+        ended = [t for t in trials if t.state in ENDED]
+        p = budget_pressure(self.budget, len(trials),
+                            sum(len(t.intermediate_values) for t in trials),
+                            [len(t.intermediate_values) for t in ended])
+        return p, [str(t.number) for t in ended]
 
     def _budgeted(self, study: optuna.study.Study, trial: FrozenTrial, curve: Curve,
                   inc: float, d: Decision) -> Decision:
         """The budget gate, then the opportunity rule (``pfn.early_stop.Opportunity``)."""
-        p = self.pressure(study)
+        p, ended = self._plan(study.get_trials(deepcopy=False))
         self.opportunity.record(str(trial.number), curve, d)
         d = gate_by_budget(d, p, curve)
-        ended = [str(t.number) for t in study.get_trials(deepcopy=False, states=ENDED)]
         return self.opportunity.apply(d, str(trial.number), curve, inc, p, ended,
                                       self.decider.rule.min_epochs)
 
