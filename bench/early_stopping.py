@@ -586,17 +586,25 @@ class BudgetPolicy(Policy):
         own = float(expected_gain(opportunity_draws(self.cache.final[(i, k)][0])[0], r.best_s))
         return own < (1.0 - 1.0 / pressure) * remaining_fraction(task, i, k) * fresh
 
+    def rule_stops(self, rs: list[Replay], task: Task,
+                   pairs: list[tuple[int, int]]) -> list[bool]:
+        """The all-epochs rule's verdicts (the part the gate may veto)."""
+        return [k >= self.min_epochs and r.best_s >= self.cache.get(i, k)[self.j]
+                for (i, k), r in zip(pairs, rs, strict=True)]
+
+    def protected(self, r: Replay) -> bool:
+        return False
+
     def decide(self, rs: list[Replay], task: Task) -> list[bool]:
         pairs = self.cache.fetch(rs, self.min_epochs)
         out = []
-        for (i, k), r in zip(pairs, rs, strict=True):
+        for (i, k), r, stop in zip(pairs, rs, self.rule_stops(rs, task, pairs), strict=True):
             p = replay_pressure(r)
-            if k < self.min_epochs or p < 1.0:
+            if k < self.min_epochs or p < 1.0 or self.protected(r):
                 out.append(False)
-            elif r.best_s >= self.cache.get(i, k)[self.j]:
-                out.append(True)
             else:
-                out.append(self.opportunity and self.opportunity_stop(i, k, r, task, p))
+                out.append(stop or (self.opportunity
+                                    and self.opportunity_stop(i, k, r, task, p)))
         return out
 
 
@@ -666,17 +674,12 @@ class CalibratedBudgetPolicy(BudgetPolicy):
         super().end(r, task, i, completed)
         self.cal.end(r, task, i, completed)
 
-    def decide(self, rs: list[Replay], task: Task) -> list[bool]:
-        pairs = self.cache.fetch(rs, self.min_epochs)
-        rule = self.cal.decide(rs, task)
-        out = []
-        for (i, k), r, stop in zip(pairs, rs, rule, strict=True):
-            p = replay_pressure(r)
-            if k < self.min_epochs or p < 1.0 or r.trials_started <= self.startup:
-                out.append(False)
-            else:
-                out.append(stop or self.opportunity_stop(i, k, r, task, p))
-        return out
+    def rule_stops(self, rs: list[Replay], task: Task,
+                   pairs: list[tuple[int, int]]) -> list[bool]:
+        return self.cal.decide(rs, task)
+
+    def protected(self, r: Replay) -> bool:
+        return r.trials_started <= self.startup
 
 
 # ---------------------------------------------------------------------------------------------
