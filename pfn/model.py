@@ -95,6 +95,13 @@ class Block(nn.Module):
         self.ff2 = nn.Linear(cfg.d_ff, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
+    def make_identity(self) -> None:
+        """Zero both residual branches' output layers: the block passes its input through
+        unchanged (pre-LN), so a model grown by such blocks answers exactly as before."""
+        for m in (self.proj, self.ff2):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
     def attention(self, h: Tensor, mask: Tensor, attn: AttentionFn | None = None,
                   start: int = 0) -> Tensor:
         """mask: (B, 1, L, L) for SDPA; with an injected ``attn`` it is is_ctx (B, L). With

@@ -119,6 +119,28 @@ def test_warm_start_adds_the_sharpening_head_and_keeps_the_answers(tmp_path):
                                            "out_dir": str(tmp_path / "x")}))
 
 
+def test_warm_start_grows_depth_with_identity_blocks(tmp_path):
+    """A deeper model warm-started from a shallower run gets the source's blocks at the
+    bottom and identity blocks on top: same answers at the start, and the new blocks train."""
+    from pfn.evaluate import prior_log_likelihood
+    from train.export import model_from_checkpoint
+
+    src_dir = tmp_path / "src"
+    cfg = apply_overrides(TrainConfig(), {**TINY, "n_curves": 32, "out_dir": str(src_dir)})
+    Trainer(cfg).run(progress=False)
+    src, _ = model_from_checkpoint(src_dir)
+    grown = apply_overrides(cfg, {"init_from": str(src_dir), "model.n_layers": 3,
+                                  "out_dir": str(tmp_path / "grown")})
+    tr = Trainer(grown)
+    assert len(tr.model.blocks) == 3
+    assert torch.equal(tr.model.blocks[0].qkv.weight, src.blocks[0].qkv.weight)
+    y = torch.rand(6, 100, generator=torch.Generator().manual_seed(0))
+    got = prior_log_likelihood(tr.model.eval(), y, 40)
+    assert torch.allclose(got, prior_log_likelihood(src, y, 40), atol=1e-5)
+    tr.run(progress=False)
+    assert tr.model.blocks[2].ff2.weight.abs().sum() > 0  # the new block learned
+
+
 def test_resume_rejects_other_config(tmp_path):
     cfg = apply_overrides(TrainConfig(), {**TINY, "n_curves": 16, "out_dir": str(tmp_path)})
     Trainer(cfg).run(progress=False)

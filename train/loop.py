@@ -28,7 +28,7 @@ from torch import Tensor
 from pfn.bar import borders_from_samples
 from pfn.evaluate import prior_log_likelihood
 from pfn.io import load_model, save_model
-from pfn.model import PFN
+from pfn.model import PFN, Block
 from prior import CurvePrior, get_prior, sample_cutoffs
 from train.checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
 from train.config import TrainConfig
@@ -84,10 +84,11 @@ def build_model(cfg: TrainConfig, prior: CurvePrior) -> PFN:
 
 
 def warm_start(model: PFN, source: str, verbose: bool = False) -> list[str]:
-    """Copy a trained model's weights into ``model`` (same architecture and buckets, possibly
-    with extra parameters such as the sharpening head); returns the parameters it lacked.
-    ``source``: a training run directory (its checkpoint's EMA weights), a model directory or
-    a shipped model name."""
+    """Copy a trained model's weights into ``model`` (same widths and buckets, possibly with
+    extra parameters such as the sharpening head, or extra blocks on top, which start as the
+    identity: the grown model answers exactly as its source); returns the parameters it
+    lacked. ``source``: a training run directory (its checkpoint's EMA weights), a model
+    directory or a shipped model name."""
     if (Path(source) / CKPT_NAME).is_file():
         src, _ = model_from_checkpoint(source)
     else:
@@ -100,6 +101,9 @@ def warm_start(model: PFN, source: str, verbose: bool = False) -> list[str]:
     if unexpected:
         raise ValueError(f"init_from={source!r}: parameters {unexpected} have no place in this "
                          "model; use a model config that holds them")
+    for block in model.blocks[len(src.blocks):]:  # depth growth: new blocks on top
+        assert isinstance(block, Block)
+        block.make_identity()
     if verbose:
         print(f"warm start from {source}; newly initialised: {missing or 'nothing'}",
               file=sys.stderr)
