@@ -50,6 +50,10 @@ class CurvePrior:
     range_constraint: bool = True  # reject curves whose noise-free values leave [0, 1]
     max_rounds: int = 1000  # give up (RuntimeError) after this many proposal rounds
     compiled: bool = False  # evaluate curves with torch.compile (~4x faster, ~20 s warm-up)
+    delay_prob: float = 0.0  # share of curves that start late (slow starters): they stay at
+    # their first value for t0 epochs, then follow the curve, f'(t) = f(max(1, t - t0)); 0 is
+    # the paper's prior (and draws nothing extra: its streams are unchanged)
+    delay_max: float = 0.5  # longest delay t0 as a share of n_epochs (t0 ~ U{0..delay_max m})
     _accept_guess: float = field(default=0.2, repr=False)  # first proposal-size estimate
 
     def __post_init__(self) -> None:
@@ -60,10 +64,15 @@ class CurvePrior:
             )
         if self.n_epochs < 2:
             raise ValueError(f"n_epochs: must be >= 2, got {self.n_epochs}")
+        if not 0.0 <= self.delay_prob <= 1.0:
+            raise ValueError(f"delay_prob: must be in [0, 1], got {self.delay_prob}")
+        if not 0.0 <= self.delay_max < 1.0:
+            raise ValueError(f"delay_max: must be in [0, 1), got {self.delay_max}")
 
     @property
     def name(self) -> str:
-        return "lcpfn" if self.components == LCPFN_COMPONENTS else "+".join(self.components)
+        base = "lcpfn" if self.components == LCPFN_COMPONENTS else "+".join(self.components)
+        return base + (f"-slowstart{self.delay_prob:g}" if self.delay_prob else "")
 
     def _draws(self, n: int, g: torch.Generator, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """n proposals as standard draws: u (n, K + #uniform params) ~ U(0,1) (the weights
@@ -116,18 +125,37 @@ class CurvePrior:
         for _, _, fk in self._accepted(n, generator, torch.float32):
             f[got : got + fk.shape[0]] = fk
             got += fk.shape[0]
+        if self.delay_prob > 0:
+            f = self._delay(f, generator)
         z = torch.randn(n, generator=generator)
         sigma = (self.log_sigma_mean + self.log_sigma_std * z).exp()
         y = torch.randn(n, m, generator=generator).mul_(sigma[:, None]).add_(f)
         x = torch.arange(1, m + 1, dtype=torch.float32)
         return CurveBatch(x=x, y=y, f=f, sigma=sigma)
 
+    def _delay(self, f: Tensor, g: torch.Generator) -> Tensor:
+        """Slow starts: a ``delay_prob`` share of the curves f (n, m) shifted right by t0 ~
+        U{0..delay_max m} epochs, flat at their first value before; a shift that would break
+        f(m) > f(1) (a peaked curve) is dropped. Values stay within the curve's own range."""
+        n, m = f.shape
+        u = torch.rand(n, 2, generator=g)
+        t0 = (u[:, 1] * (math.floor(self.delay_max * m) + 1)).long()  # (n,) in 0..delay_max m
+        t0 = torch.where(u[:, 0] < self.delay_prob, t0, torch.zeros_like(t0))
+        last = f.gather(1, (m - 1 - t0)[:, None]).squeeze(1)  # f(m - t0): the new end value
+        t0 = torch.where(last > f[:, 0], t0, torch.zeros_like(t0))
+        src = (torch.arange(m)[None, :] - t0[:, None]).clamp_(min=0)  # (n, m) source epoch
+        return f.gather(1, src)
+
     def sample_params(
         self, n: int, generator: torch.Generator
     ) -> tuple[Tensor, list[dict[str, Tensor]]]:
         """``n`` accepted parameter sets (no noise): weights (n, K) and, per component, a dict
         of (n, 1) parameters, float64; same proposals and rules as :meth:`sample`, but its own
-        draws (it does not reproduce ``sample``'s curves). Used to start MCMC chains."""
+        draws (it does not reproduce ``sample``'s curves). Used to start MCMC chains. Not for
+        slow starts (``delay_prob > 0``), which the parametric likelihood does not model."""
+        if self.delay_prob:
+            raise ValueError("sample_params: the MCMC reference models the parametric curves "
+                             f"only; use a prior with delay_prob=0 (got {self.delay_prob})")
         rounds = list(self._accepted(n, generator, torch.float64))
         if not rounds:
             return _from_draws(self.components, *self._draws(0, generator, torch.float64))
@@ -201,11 +229,14 @@ def _compiled_screen_draws(components: tuple[str, ...]) -> Callable[..., tuple[T
 PRIORS: dict[str, CurvePrior] = {
     "lcpfn": CurvePrior(),
     "domhan": CurvePrior(components=DOMHAN_COMPONENTS),
+    # the paper's prior plus slow starters (a shape it lacks; see docs/model-card.md)
+    "lcpfn-slowstart": CurvePrior(delay_prob=0.2),
 }
 
 
 def get_prior(name: str) -> CurvePrior:
-    """A registered prior by name (``lcpfn``, ``domhan``) or a ``+``-joined list of bases."""
+    """A registered prior by name (``lcpfn``, ``domhan``, ``lcpfn-slowstart``) or a
+    ``+``-joined list of bases."""
     if name in PRIORS:
         return PRIORS[name]
     comps = tuple(name.split("+"))

@@ -87,6 +87,39 @@ def test_extended_prior_and_registry():
         get_prior("nope")
 
 
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), m=st.integers(2, 120))
+def test_slow_starts_are_shifted_prior_curves(seed, m):
+    """With delay_prob > 0 every curve is a paper-prior curve shifted right by t0 epochs
+    (flat at its first value before), within the same bounds and rules."""
+    n = 200
+    plain = CurvePrior(n_epochs=m).sample(n, torch.Generator().manual_seed(seed))
+    b = CurvePrior(n_epochs=m, delay_prob=0.5).sample(n, torch.Generator().manual_seed(seed))
+    assert b.y.shape == (n, m) and bool(torch.isfinite(b.y).all())
+    assert bool(((b.f >= 0) & (b.f <= 1)).all()) and bool((b.f[:, -1] > b.f[:, 0]).all())
+    t = torch.arange(m)
+    for i in range(n):  # the same proposals before the shift: find each curve's t0
+        shifts = [t0 for t0 in range(m // 2 + 1)
+                  if torch.equal(b.f[i], plain.f[i, (t - t0).clamp(min=0)])]
+        assert shifts, f"curve {i} is not a shifted prior curve"
+
+
+def test_slow_start_share_and_registry():
+    p = get_prior("lcpfn-slowstart")
+    assert p.delay_prob == 0.2 and p.name == "lcpfn-slowstart0.2"
+    g = torch.Generator().manual_seed(3)
+    plain = CurvePrior().sample(4000, torch.Generator().manual_seed(3)).f
+    f = p.sample(4000, g).f
+    moved = (f != plain).any(1).float().mean()
+    assert 0.15 < float(moved) < 0.21  # 0.2, minus zero shifts and dropped peaked ones
+    late = f[:, 0] == f[:, 20]  # flat for 20 epochs: essentially only slow starters
+    assert float(late.float().mean()) > 0.05
+    with pytest.raises(ValueError, match="delay_prob"):
+        CurvePrior(delay_prob=1.5)
+    with pytest.raises(ValueError, match="MCMC"):
+        p.sample_params(3, g)
+
+
 def test_cutoffs_per_curve():
     c = sample_cutoffs(5000, 100, torch.Generator().manual_seed(0))
     assert int(c.min()) == 1 and int(c.max()) == 99 and len(torch.unique(c)) == 99

@@ -141,6 +141,20 @@ def test_warm_start_grows_depth_with_identity_blocks(tmp_path):
     assert tr.model.blocks[2].ff2.weight.abs().sum() > 0  # the new block learned
 
 
+def test_eval_prior_sets_the_held_out_curves(tmp_path):
+    """Training on slow starts, evaluating on the paper's prior: the held-out curves come from
+    eval_prior (same seed), not from the training prior."""
+    from prior import get_prior
+
+    base = {**TINY, "eval_every": 1, "eval_curves": 16, "out_dir": str(tmp_path)}
+    tr = Trainer(apply_overrides(TrainConfig(), {**base, "prior": "lcpfn-slowstart",
+                                                 "eval_prior": "lcpfn"}))
+    want = get_prior("lcpfn").sample(16, torch.Generator().manual_seed(10_000)).y
+    assert torch.equal(tr.eval_set, want)
+    own = Trainer(apply_overrides(TrainConfig(), {**base, "prior": "lcpfn-slowstart"}))
+    assert not torch.equal(own.eval_set, want)
+
+
 def test_resume_rejects_other_config(tmp_path):
     cfg = apply_overrides(TrainConfig(), {**TINY, "n_curves": 16, "out_dir": str(tmp_path)})
     Trainer(cfg).run(progress=False)

@@ -20,7 +20,9 @@ from pfn.model import PFNConfig
 @dataclass(frozen=True)
 class TrainConfig:
     model: PFNConfig = field(default_factory=PFNConfig)  # the PFN's architecture
-    prior: str = "lcpfn"  # prior name (prior.get_prior): lcpfn, domhan or bases joined by '+'
+    prior: str = "lcpfn"  # prior name (prior.get_prior): lcpfn, lcpfn-slowstart, domhan or
+    # bases joined by '+'
+    eval_prior: str = ""  # prior of the held-out evaluations ("": the training prior)
     n_curves: int = 1_000_000  # training curves in total (all ranks); sets the step count
     batch_size: int = 128  # curves per optimizer step, summed over ranks
     lr: float = 1e-3  # peak learning rate (AdamW)

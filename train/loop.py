@@ -197,7 +197,8 @@ class Trainer:
         if not self.cfg.eval_every or not self.dist.main:
             return None
         g = torch.Generator().manual_seed(10_000 + self.cfg.seed)
-        return self.prior.sample(self.cfg.eval_curves, g).y
+        prior = get_prior(self.cfg.eval_prior) if self.cfg.eval_prior else self.prior
+        return prior.sample(self.cfg.eval_curves, g).y
 
     # -- checkpoints -------------------------------------------------------------------------
     @property
