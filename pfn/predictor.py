@@ -209,10 +209,15 @@ class Predictor:
         self.runtime: Runtime = runtime or self._torch_runtime
 
     @classmethod
-    def load(cls, name_or_path: str | Path | None = None, **kwargs: Any) -> Predictor:
+    def load(
+        cls,
+        name_or_path: str | Path | None = None,
+        runtime: Runtime | None = None,
+        max_context: int | None = None,
+    ) -> Predictor:
         """The embedded default model (no argument), a shipped model by name, or a directory."""
         model, cfg = load_model(name_or_path)
-        return cls(model, cfg, **kwargs)
+        return cls(model, cfg, runtime=runtime, max_context=max_context)
 
     @property
     def sha256(self) -> str:

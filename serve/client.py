@@ -428,15 +428,26 @@ class AsyncClient(_Base):
         await self.aclose()
 
 
-def connect(target: str | None = None, **kwargs: Any) -> Any:
-    """A predictor by one argument: an ``http(s)://`` URL gives a ``Client``; anything else
-    (``None``, a shipped model name, a model directory) loads ``pfn.Predictor`` in-process
-    (which imports torch)."""
+def connect(target: str | None = None, *, api_key: str | None = None,
+            timeout: float | None = None, retries: int | None = None,
+            quantiles: Sequence[float] | None = None) -> Any:
+    """A predictor by one argument: an ``http(s)://`` URL gives a ``Client`` (the keyword
+    options are the client's); anything else (``None``, a shipped model name such as
+    ``"slowstart"``, a model directory) loads ``pfn.Predictor`` in-process (which imports
+    torch) and takes no options."""
     if target is not None and target.startswith(("http://", "https://")):
-        return Client(target, **kwargs)
+        return Client(target, api_key=api_key, timeout=30.0 if timeout is None else timeout,
+                      retries=3 if retries is None else retries,
+                      quantiles=DEFAULT_QUANTILES if quantiles is None else quantiles)
+    options = {"api_key": api_key, "timeout": timeout, "retries": retries,
+               "quantiles": quantiles}
+    given = [k for k, v in options.items() if v is not None]
+    if given:
+        raise ValueError(f"connect: {', '.join(given)} apply to a server URL only, but "
+                         f"target {target!r} is a local model; drop them or pass http(s)://")
     from pfn.predictor import Predictor  # local inference: torch from here on
 
-    return Predictor.load(target, **kwargs)
+    return Predictor.load(target)
 
 
 __all__ = [

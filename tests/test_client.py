@@ -154,6 +154,10 @@ def test_connect_without_url_is_the_local_predictor():
     from pfn.predictor import Predictor
 
     assert isinstance(connect(), Predictor)
+    slow = connect("slowstart")
+    assert isinstance(slow, Predictor) and slow.sha256 != connect("default").sha256
+    with pytest.raises(ValueError, match="quantiles apply to a server URL only"):
+        connect("default", quantiles=[0.5])
 
 
 def _local(c: Curve):

@@ -272,3 +272,18 @@ def test_opportunity_rule_prunes_what_the_paper_rule_keeps(pred: Predictor) -> N
     a = study.trials[4].user_attrs
     assert "opportunity cost" in a["curvecast_reason"] and a["curvecast_step"] == 1
     assert set(a["curvecast_final_quantiles"]) == {"0.05", "0.5", "0.95"}
+
+
+def test_backend_by_model_name_is_checked_early_and_loaded_lazily(pred: Predictor) -> None:
+    from pfn.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="no-such-model.*default"):
+        CurvecastPruner(horizon=HORIZON, backend="no-such-model")
+    by_name = Decider("default", calibrate=False)
+    assert by_name._default is None  # nothing loaded before the first decision
+    curves = [Curve([1, 2, 3], [0.30, 0.41, 0.45], horizon=HORIZON, bounds=(0, 1))]
+    got = by_name(curves, [0.9])[0]
+    want = Decider(pred, calibrate=False)(curves, [0.9])[0]
+    assert got.stop == want.stop
+    assert got.prob_improve == pytest.approx(want.prob_improve, abs=1e-6)
+    assert got.final_mean == pytest.approx(want.final_mean, abs=1e-6)

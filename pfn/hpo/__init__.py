@@ -3,6 +3,8 @@
 Both take a *backend* that makes the decisions:
 
 * ``None`` (default): the embedded default model, loaded in-process on first use;
+* a shipped model's name (e.g. ``"slowstart"``) or a model directory: that model, in-process,
+  loaded on first use (the name is checked at construction);
 * a ``pfn.Predictor`` (anything with ``posterior_all``): in-process, ``pfn.early_stop.decide``;
 * anything with an ``early_stop(curves, incumbents, rule=...)`` method, e.g. the HTTP client of
   ``serve.client`` (duck-typed: pfn never imports serve). It receives ``pfn.Curve`` objects and a
@@ -18,6 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -35,6 +38,7 @@ from pfn.early_stop import (
     final_score,
 )
 from pfn.errors import CurvecastError
+from pfn.io import resolve_model_dir
 from pfn.predictor import Curve, Predictor
 
 IncumbentMode = Literal["completed", "observed"]
@@ -52,11 +56,16 @@ class Decider:
     def __init__(self, backend: Any = None, rule: StopRule = StopRule(),
                  quantiles: Sequence[float] = DEFAULT_QUANTILES, calibrate: bool = True,
                  keep_levels: Sequence[float] = ()) -> None:
+        self._model: str | None = None  # a shipped model name or directory, loaded lazily
+        if isinstance(backend, (str, Path)):
+            resolve_model_dir(backend)  # fail fast: the error lists the shipped models
+            self._model, backend = str(backend), None
         if backend is not None and not (hasattr(backend, "posterior_all")
                                         or hasattr(backend, "early_stop")):
             raise CurvecastError(
                 f"backend: {type(backend).__name__} has neither posterior_all (a Predictor) nor "
-                "early_stop (an HTTP client); pass Predictor.load(), a client, or None")
+                "early_stop (an HTTP client); pass a model name, Predictor.load(), a client, "
+                "or None")
         if not isinstance(rule, StopRule):
             raise CurvecastError(f"rule: must be a StopRule, got {type(rule).__name__}")
         self.backend = backend
@@ -75,7 +84,7 @@ class Decider:
         if self.backend is not None:
             return self.backend
         if self._default is None:
-            self._default = Predictor.load()
+            self._default = Predictor.load(self._model)
         return self._default
 
     def __call__(self, curves: Sequence[Curve],
