@@ -231,11 +231,13 @@ PRIORS: dict[str, CurvePrior] = {
     "domhan": CurvePrior(components=DOMHAN_COMPONENTS),
     # the paper's prior plus slow starters (a shape it lacks; see docs/model-card.md)
     "lcpfn-slowstart": CurvePrior(delay_prob=0.2),
+    # the same with a quarter as many slow starters (stage 7: between the two trade-offs)
+    "lcpfn-slowstart0.05": CurvePrior(delay_prob=0.05),
 }
 
 
 def get_prior(name: str) -> CurvePrior:
-    """A registered prior by name (``lcpfn``, ``domhan``, ``lcpfn-slowstart``) or a
+    """A registered prior by name (``lcpfn``, ``domhan``, ``lcpfn-slowstart[0.05]``) or a
     ``+``-joined list of bases."""
     if name in PRIORS:
         return PRIORS[name]

@@ -114,6 +114,10 @@ def test_slow_start_share_and_registry():
     assert 0.15 < float(moved) < 0.21  # 0.2, minus zero shifts and dropped peaked ones
     late = f[:, 0] == f[:, 20]  # flat for 20 epochs: essentially only slow starters
     assert float(late.float().mean()) > 0.05
+    quarter = get_prior("lcpfn-slowstart0.05")
+    assert quarter.name == "lcpfn-slowstart0.05"
+    moved_q = (quarter.sample(4000, torch.Generator().manual_seed(3)).f != plain).any(1)
+    assert 0.03 < float(moved_q.float().mean()) < 0.06
     with pytest.raises(ValueError, match="delay_prob"):
         CurvePrior(delay_prob=1.5)
     with pytest.raises(ValueError, match="MCMC"):
