@@ -435,13 +435,11 @@ def connect(target: str | None = None, *, api_key: str | None = None,
     options are the client's); anything else (``None``, a shipped model name such as
     ``"slowstart"``, a model directory) loads ``pfn.Predictor`` in-process (which imports
     torch) and takes no options."""
+    options: dict[str, Any] = {"api_key": api_key, "timeout": timeout, "retries": retries,
+                               "quantiles": quantiles}
+    given = {k: v for k, v in options.items() if v is not None}  # the rest: Client's defaults
     if target is not None and target.startswith(("http://", "https://")):
-        return Client(target, api_key=api_key, timeout=30.0 if timeout is None else timeout,
-                      retries=3 if retries is None else retries,
-                      quantiles=DEFAULT_QUANTILES if quantiles is None else quantiles)
-    options = {"api_key": api_key, "timeout": timeout, "retries": retries,
-               "quantiles": quantiles}
-    given = [k for k, v in options.items() if v is not None]
+        return Client(target, **given)
     if given:
         raise ValueError(f"connect: {', '.join(given)} apply to a server URL only, but "
                          f"target {target!r} is a local model; drop them or pass http(s)://")
