@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
-import torch
 
 from pfn import Curve, Predictor
 from pfn.io import CONFIG_FILE, WEIGHTS_DIR, WEIGHTS_FILE, read_config, sha256_file
@@ -15,11 +12,9 @@ SHIPPED = sorted(d.name for d in WEIGHTS_DIR.iterdir() if (d / CONFIG_FILE).is_f
 
 
 @pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def slow(pred: Predictor) -> Predictor:
+    """The slowstart model (after ``pred``, which sets one torch thread for the module)."""
+    return Predictor.load("slowstart")
 
 
 def test_the_shipped_models_are_default_and_slowstart() -> None:
@@ -29,9 +24,9 @@ def test_the_shipped_models_are_default_and_slowstart() -> None:
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_model_loads_by_name_with_its_digest(name: str, one_thread: None) -> None:
-    pred = Predictor.load(name)
-    assert pred.sha256 == sha256_file(WEIGHTS_DIR / name / WEIGHTS_FILE)
+def test_shipped_model_loads_by_name_with_its_digest(name: str) -> None:
+    loaded = Predictor.load(name)
+    assert loaded.sha256 == sha256_file(WEIGHTS_DIR / name / WEIGHTS_FILE)
     meta = read_config(WEIGHTS_DIR / name)["meta"]
     assert meta["prior"] == {"default": "lcpfn", "slowstart": "lcpfn-slowstart0.2"}[name]
 
@@ -44,21 +39,22 @@ def flat_start(n: int) -> Curve:
 
 
 @pytest.mark.parametrize("n", [4, 8, 15])
-def test_slowstart_keeps_a_flat_start_open_and_default_does_not(n: int, one_thread: None
-                                                               ) -> None:
+def test_slowstart_keeps_a_flat_start_open_and_default_does_not(
+        n: int, pred: Predictor, slow: Predictor) -> None:
     """A run flat at 0.1 for its first n of 100 epochs: the paper's prior has no curve that
     takes off after that, so the default model all but rules out a final value above 0.5
     (P < 1%); the slow-start prior's model keeps a real chance (> 5%)."""
     curve = flat_start(n)
-    p_default = float(Predictor.load().predict([curve])[0].prob_greater(0.5)[-1])
-    p_slow = float(Predictor.load("slowstart").predict([curve])[0].prob_greater(0.5)[-1])
+    p_default = float(pred.predict([curve])[0].prob_greater(0.5)[-1])
+    p_slow = float(slow.predict([curve])[0].prob_greater(0.5)[-1])
     assert p_default < 0.01
     assert p_slow > 0.05
 
 
-def test_both_models_agree_on_an_ordinary_rising_curve(one_thread: None) -> None:
+def test_both_models_agree_on_an_ordinary_rising_curve(pred: Predictor, slow: Predictor
+                                                      ) -> None:
     t = np.arange(1, 11)
     curve = Curve(list(t), list(0.3 + 0.4 * (1 - np.exp(-t / 4))), horizon=100,
                   query_epochs=[100], bounds=(0, 1))
-    means = [float(Predictor.load(m).predict([curve])[0].mean[-1]) for m in SHIPPED]
+    means = [float(p.predict([curve])[0].mean[-1]) for p in (pred, slow)]
     assert abs(means[0] - means[1]) < 0.03
