@@ -44,6 +44,12 @@ pruner and the Ray scheduler do with ``budget=Budget(n_trials, epochs)``, the pa
 vetoed while the budget reaches every untried trial, then the API's opportunity rule while it
 does not; see ``BudgetPolicy``; ``curvecast-cal2-d<delta>-bud``: the same with the
 integrations' default calibration and two protected trials);
+``curvecast-rung<score><eta>f<first>`` (family ``rungs``, not in the defaults: what the
+integrations do with a budget and ``budget_rule="rungs"``, their default: trials ranked
+against each other at rungs of first x eta^m points by the median of their predicted final
+value, the cut set by the pressure; ``rungvalue``: ranked by the best value so far instead,
+successive halving's ranking, the ablation; ``curvecast-d<delta>-rung...``: also OR'ed with the
+paper's rule; see ``RungPolicy``);
 ``patience-<k>`` (stop
 a trial after k points without improving on its own best; k = 0 stops at the first point
 that does not improve); Optuna's ``MedianPruner``, ``SuccessiveHalvingPruner`` and
@@ -81,13 +87,17 @@ from pfn.early_stop import (  # noqa: E402
     MAX_CHECKED_EPOCHS,
     OPPORTUNITY_LEVELS,
     OPPORTUNITY_MIN_TRIALS,
+    RUNG_ETA,
     Z_SCALE,
     Budget,
     Calibrator,
+    Decision,
+    Rungs,
     budget_pressure,
     checked_epochs,
     decide,
     expected_gain,
+    is_rung,
 )
 from pfn.predictor import Posterior  # noqa: E402
 
@@ -96,9 +106,12 @@ DEFAULT_DELTAS = (0.01, 0.05, 0.1)
 PATIENCES = (0, 1, 5, 10, 20, 50)
 OPTUNA_PRUNERS = ("median", "successive_halving", "hyperband")
 POLICY_FAMILIES = ("curvecast", "calibrated", "margin", "gain", "opportunity", "budget",
-                   "patience", "optuna")
+                   "rungs", "patience", "optuna")
 MARGINS = (0.005, 0.01, 0.02)  # min_delta of the "margin" family, in regret units
 GAINS = (0.01, 0.03)  # expected final-value gain worth a full run, in regret units
+# (score, eta, first rung, OR'ed with the paper's rule, protected first trials)
+RUNG_VARIANTS = (("median", 4, 1, False, 0), ("median", 3, 1, False, 0),
+                 ("median", 4, 1, True, 0), ("value", 4, 1, False, 0), ("median", 4, 1, False, 2))
 OPPORTUNITY_FACTORS = (1.0,)  # the "opportunity" family: c in the rule (see its class)
 # (startup trials, prior weight, two-sided) of the calibrated policies: cal0 and cal2 use the
 # API's veto-only semantics, cal0x is the two-sided variant the API does not offer
@@ -682,6 +695,68 @@ class CalibratedBudgetPolicy(BudgetPolicy):
         return r.trials_started <= self.startup
 
 
+class RungPolicy(Policy):
+    """Budget-aware stopping with ``budget_rule="rungs"``, as the integrations do it
+    (``pfn.early_stop.Rungs`` itself, one per ordering, fed the replay's pressure): at rungs
+    of ``first`` x ``eta``^m points a trial is ranked by its ``score`` among every trial of the
+    ordering that reached the same rung, and stopped unless it is in the top share
+    ``max(1/eta, 1/pressure)``; nothing while the pressure is below 1. ``score``:
+    ``"median"`` of the model's prediction of the final value (the API's), or ``"value"``
+    (the best value so far: successive halving's own ranking, the ablation without the
+    model's extrapolation). ``j``: also OR'ed with the all-epochs rule at that delta index
+    from ``min_epochs`` points on (the API does not: ``BudgetAware`` ignores the rule's
+    verdict with rungs). ``startup``: the first trials of an ordering run to their end and
+    join no rung (the integrations' ``n_startup_trials``: no decision before that many trials
+    completed)."""
+
+    def __init__(self, cache: ThresholdCache, j: int | None, score: str = "median",
+                 eta: int = RUNG_ETA, first: int = 1, min_epochs: int = 2,
+                 startup: int = 0) -> None:
+        self.cache = cache
+        self.startup = startup
+        self.j = j
+        self.score = score
+        self.eta = eta
+        self.first = first
+        self.min_epochs = min_epochs
+        tag = (f"s{startup}-" if startup else "") + f"rung{score}{eta}f{first}"
+        self.name = f"curvecast-{tag}" if j is None else f"curvecast-d{cache.deltas[j]:g}-{tag}"
+
+    def start(self, r: Replay, task: Task, i: int) -> None:
+        r.ctx.setdefault("rungs", Rungs(self.eta, self.first))
+        r.ctx["own"] = -math.inf
+
+    def observe(self, r: Replay, task: Task, i: int, k: int) -> None:
+        r.ctx["own"] = max(r.ctx["own"], float(task.s[i, k - 1]))
+
+    def decide(self, rs: list[Replay], task: Task) -> list[bool]:
+        need = [r for r in rs if r.k >= self.min_epochs or is_rung(r.k, self.eta, self.first)]
+        self.cache.compute([(r.trial(), r.k) for r in need if r.trials_started > self.startup])
+        self.cache.stats.answered += len(need)
+        sign = 1.0 if task.direction == "max" else -1.0
+        out = []
+        for r in rs:
+            i, k = r.trial(), r.k
+            if r.trials_started <= self.startup:
+                out.append(False)
+                continue
+            if self.j is not None and k >= self.min_epochs and replay_pressure(r) >= 1.0 \
+                    and r.best_s >= self.cache.get(i, k)[self.j]:
+                out.append(True)
+                continue
+            if not is_rung(k, self.eta, self.first):
+                out.append(False)
+                continue
+            v = r.ctx["own"] if self.score == "value" else self.cache.final[(i, k)][1]
+            d = Decision(stop=False, prob_improve=math.nan, prob_improve_final=math.nan,
+                         final_mean=sign * v, final_quantiles={0.5: sign * v}, reason="",
+                         expected_remaining_epochs=0.0)
+            curve = Curve(task.x[i, :k], task.model_values[i, :k], float(task.horizon[i]),
+                          direction=task.direction)  # type: ignore[arg-type]
+            out.append(r.ctx["rungs"].apply(d, str(i), curve, replay_pressure(r)).stop)
+        return out
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics
 
@@ -788,7 +863,7 @@ def run_task(task: Task, predictor: Predictor | None, policies: Sequence[str],
     stats = InferenceStats()
     todo: list[Policy] = [Policy()]
     if predictor is not None and {"curvecast", "calibrated", "margin", "gain",
-                                  "opportunity", "budget"} & set(policies):
+                                  "opportunity", "budget", "rungs"} & set(policies):
         cache = ThresholdCache(predictor, task, deltas, max_checked, stats)
         if "curvecast" in policies:
             todo += [CurvecastPolicy(cache, j) for j in range(len(deltas))]
@@ -804,6 +879,10 @@ def run_task(task: Task, predictor: Predictor | None, policies: Sequence[str],
             todo += [BudgetPolicy(cache, j, opportunity=o) for j in range(len(deltas))
                      for o in (False, True)]
             todo += [CalibratedBudgetPolicy(cache, j) for j in range(len(deltas))]
+        if "rungs" in policies:
+            todo += [RungPolicy(cache, j if paper else None, score=sc, eta=e, first=f,
+                                startup=st)
+                     for j in range(len(deltas)) for sc, e, f, paper, st in RUNG_VARIANTS]
         if "calibrated" in policies:
             todo += [CalibratedPolicy(cache, j, startup=st, prior_weight=w, two_sided=x)
                      for st, w, x in CALIBRATED_VARIANTS for j in range(len(deltas))]
@@ -938,7 +1017,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.max_tasks:
         tasks = tasks[: a.max_tasks]
     uses_model = {"curvecast", "calibrated", "margin", "gain", "opportunity",
-                  "budget"} & set(policies)
+                  "budget", "rungs"} & set(policies)
     predictor = Predictor.load(a.model) if uses_model else None
     rows: list[dict[str, Any]] = []
     total = InferenceStats()

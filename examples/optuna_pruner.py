@@ -69,12 +69,16 @@ def main() -> None:
     ap.add_argument("--budget-runs", type=float, default=None,
                     help="budget-aware pruning: all trials together may train this many full "
                     "runs' worth of epochs")
+    ap.add_argument("--budget-rule", choices=("rungs", "opportunity"), default="rungs",
+                    help="with --budget-runs: compare trials at rungs (default) or by "
+                    "expected improvement (docs/early-stopping.md)")
     a = ap.parse_args()
     budget = None if a.budget_runs is None else Budget(a.trials, a.budget_runs * a.epochs)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(1)  # tiny batches: one thread is fastest, and kind to a shared CPU
     pruner = CurvecastPruner(a.epochs, rule=StopRule(delta=a.delta), bounds=(0.0, 1.0),
-                             calibrate=not a.no_calibrate, budget=budget)
+                             calibrate=not a.no_calibrate, budget=budget,
+                             budget_rule=a.budget_rule)
     study = optuna.create_study(direction="maximize", pruner=pruner,
                                 sampler=optuna.samplers.TPESampler(seed=0))
 

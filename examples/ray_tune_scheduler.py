@@ -55,6 +55,9 @@ def main() -> None:
     ap.add_argument("--budget-runs", type=float, default=None,
                     help="budget-aware stopping: all trials together may train this many full "
                     "runs' worth of epochs")
+    ap.add_argument("--budget-rule", choices=("rungs", "opportunity"), default="rungs",
+                    help="with --budget-runs: compare trials at rungs (default) or by "
+                    "expected improvement (docs/early-stopping.md)")
     a = ap.parse_args()
     budget = None if a.budget_runs is None else Budget(a.samples, a.budget_runs * a.epochs)
     import torch
@@ -63,7 +66,8 @@ def main() -> None:
     # tiny batch, fastest on one thread (two threads on a busy CPU can be ~50x slower).
     torch.set_num_threads(1)
     sched = CurvecastScheduler(a.epochs, metric="acc", mode="max", bounds=(0.0, 1.0),
-                               rule=StopRule(delta=a.delta), budget=budget)
+                               rule=StopRule(delta=a.delta), budget=budget,
+                               budget_rule=a.budget_rule)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -182,6 +182,11 @@ def gate_by_budget(d: Decision, pressure: float, curve: Curve) -> Decision:
                           f"untried trial (pressure {pressure:.2f} < 1): keep running")
 
 
+def _stopped(d: Decision, reason: str) -> Decision:
+    """``d`` turned into a stop for ``reason`` (nothing left to spend on the trial)."""
+    return replace(d, stop=True, expected_remaining_epochs=0.0, reason=reason)
+
+
 # final-value quantiles the opportunity rule keeps per decision: both tails geometrically down
 # to 1e-5, so that a small chance of a large gain still counts (39 levels, ascending)
 _TAILS = np.geomspace(0.5, 1e-5, 20)
@@ -271,11 +276,10 @@ class Opportunity:
         ei = float(expected_gain(own, float(incumbent), direction))
         if ei >= c * share * ref:
             return d
-        return replace(d, stop=True, expected_remaining_epochs=0.0,
-                       reason=f"opportunity cost: expected improvement {ei:.3g} for the "
-                              f"{share:.0%} of a run still ahead < {c:.2f} (budget pressure "
-                              f"{pressure:.2f}) x {share:.2f} x {ref:.3g}, what {n} ended "
-                              f"trial(s) offered at {n_obs} values")
+        return _stopped(d, f"opportunity cost: expected improvement {ei:.3g} for the "
+                           f"{share:.0%} of a run still ahead < {c:.2f} (budget pressure "
+                           f"{pressure:.2f}) x {share:.2f} x {ref:.3g}, what {n} ended "
+                           f"trial(s) offered at {n_obs} values")
 
     def state_dict(self) -> dict[str, Any]:
         return {t: {str(k): np.asarray(v, dtype=np.float64).tolist() for k, v in p.items()}
@@ -287,6 +291,147 @@ class Opportunity:
         out.preds = {str(t): {int(k): np.asarray(v, dtype=np.float32) for k, v in p.items()}
                      for t, p in d.items()}
         return out
+
+
+RUNG_ETA = 4  # successive halving's reduction factor (Optuna's SuccessiveHalvingPruner's)
+RUNG_FIRST = 1  # values observed at the first rung
+
+
+def is_rung(n_obs: int, eta: int = RUNG_ETA, first: int = RUNG_FIRST) -> bool:
+    """Whether ``n_obs`` observed values make a rung: ``first`` x ``eta``^m, m = 0, 1, ..."""
+    r = first
+    while r < n_obs:
+        r *= eta
+    return r == n_obs
+
+
+class Rungs:
+    """Successive halving's comparison between trials, ranked by the model's prediction: the
+    trial-vs-trial half of budget-aware stopping (``budget=`` in the Optuna pruner and the Ray
+    scheduler, ``budget_rule="rungs"``, the default).
+
+    At every rung (``is_rung``: 1, 4, 16, 64 ... observed values) a trial's *score* is the
+    median of its predicted final value (negated for ``direction="min"``), and it joins the
+    rung's population: every trial that reached that rung. ``apply`` stops it unless its
+    score is within the top ``max(1/eta, 1/pressure)`` share of the population (at least the
+    best one is kept): successive halving's cut (the top 1/eta) while trials far outnumber
+    what the budget reaches, milder as the pressure (``budget_pressure``) falls toward 1, and
+    nothing while the budget reaches every untried trial (pressure < 1). Unlike successive
+    halving it ranks trials by where the model extrapolates them to end, not by the value
+    reached so far, so a trial that rises steeply passes a flat one that is ahead today.
+    Between rungs it does nothing (a promoted trial runs to its next rung). State:
+    ``scores`` (``state_dict`` gives plain JSON).
+    """
+
+    def __init__(self, eta: int = RUNG_ETA, first: int = RUNG_FIRST) -> None:
+        if isinstance(eta, bool) or not isinstance(eta, int) or eta < 2:
+            raise CurveError(None, "eta", f"must be an integer >= 2, got {eta!r}",
+                             "use successive halving's reduction factor, e.g. 3 or 4")
+        if isinstance(first, bool) or not isinstance(first, int) or first < 1:
+            raise CurveError(None, "first", f"must be an integer >= 1, got {first!r}",
+                             "pass the number of values observed at the first rung")
+        self.eta, self.first = eta, first
+        self.scores: dict[int, dict[str, float]] = {}  # rung -> trial -> score
+
+    def apply(self, d: Decision, trial: str, curve: Curve, pressure: float) -> Decision:
+        """``d``, or a stop when the trial, at a rung, ranks below the cut (see the class).
+        Every decision at a rung records the trial's score, whatever ``d`` says."""
+        o = _observed(curve)
+        if o is None or not is_rung(o[1], self.eta, self.first):
+            return d
+        last, n_obs = o
+        med = d.final_quantiles.get(0.5, d.final_mean)
+        if not math.isfinite(med):
+            return d
+        sign = -1.0 if getattr(curve, "direction", "max") == "min" else 1.0
+        pop = self.scores.setdefault(n_obs, {})
+        pop[str(trial)] = sign * float(med)
+        if d.stop or last >= float(curve.horizon) or not 1.0 < pressure < math.inf:
+            return d
+        share = max(1.0 / self.eta, 1.0 / pressure)
+        keep = max(1, int(len(pop) * share))
+        ranked = sorted(pop.values(), reverse=True)
+        rank = 1 + sum(v > sign * med for v in ranked)
+        if sign * med >= ranked[keep - 1]:
+            return d
+        return _stopped(d, f"successive halving at {n_obs} values: predicted final median "
+                           f"{med:.4g} ranks {rank} of the {len(pop)} trials that reached "
+                           f"this rung; the top {keep} ({share:.0%}: budget pressure "
+                           f"{pressure:.2f}, eta {self.eta}) go on")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"eta": self.eta, "first": self.first,
+                "scores": {str(k): dict(v) for k, v in self.scores.items()}}
+
+    @classmethod
+    def from_state_dict(cls, d: Mapping[str, Any]) -> Rungs:
+        out = cls(int(d.get("eta", RUNG_ETA)), int(d.get("first", RUNG_FIRST)))
+        out.scores = {int(k): {str(t): float(v) for t, v in p.items()}
+                      for k, p in d.get("scores", {}).items()}
+        return out
+
+
+BudgetRule = Literal["rungs", "opportunity"]
+BUDGET_RULES: tuple[str, ...] = ("rungs", "opportunity")
+
+
+class BudgetAware:
+    """Budget-aware stopping as the integrations apply it to each decision when given a
+    ``budget`` (the study's plan), with one of two rules (``rule``):
+
+    * ``"rungs"`` (default): trials are compared with each other, as successive halving does
+      (``Rungs``), and the decision rule's verdict is not used (its probabilities are still
+      reported): a trial goes on unless, at a rung, it ranks below the cut that the pressure
+      sets. In the replay on real curves this beat the opportunity rule on 20 of the 23
+      tasks with >= 100 trials, and Optuna's SuccessiveHalvingPruner on TaskSet, MNLI,
+      wikitext-2 and ImageNet (docs/early-stopping.md).
+    * ``"opportunity"``: the decision rule's verdict, vetoed while the pressure is below 1
+      (``gate_by_budget``), then ``Opportunity``'s expected-improvement comparison while it
+      is above 1.
+
+    ``apply(d, trial, curve, incumbent, pressure, ended, min_epochs)`` returns the final
+    decision; ``keep_levels`` are the quantile levels the backend must return for it.
+    """
+
+    def __init__(self, budget: Budget, rule: str = "rungs") -> None:
+        if not isinstance(budget, Budget):
+            raise CurveError(None, "budget", f"must be a pfn.early_stop.Budget, got "
+                             f"{type(budget).__name__}", "pass Budget(n_trials, epochs)")
+        if rule not in BUDGET_RULES:
+            raise CurveError(None, "budget_rule", f"must be one of {list(BUDGET_RULES)}, got "
+                             f"{rule!r}", "'rungs' compares trials with each other, "
+                             "'opportunity' by expected improvement")
+        self.budget = budget
+        self.rule = rule
+        self.opportunity = Opportunity()
+        self.rungs = Rungs()
+
+    @property
+    def keep_levels(self) -> tuple[float, ...]:
+        return OPPORTUNITY_LEVELS if self.rule == "opportunity" else (0.5,)
+
+    def apply(self, d: Decision, trial: str, curve: Curve, incumbent: float | None,
+              pressure: float, ended: Sequence[str], min_epochs: int = 2) -> Decision:
+        if self.rule == "rungs":
+            if d.stop:
+                o = _observed(curve)
+                left = 0.0 if o is None else max(float(curve.horizon) - o[0], 0.0)
+                d = replace(d, stop=False, expected_remaining_epochs=left,
+                            reason=f"the rule would stop ({d.reason}), but with a budget "
+                                   "trials are compared with each other at rungs: keep running")
+            return self.rungs.apply(d, trial, curve, pressure)
+        self.opportunity.record(trial, curve, d)
+        d = gate_by_budget(d, pressure, curve)
+        return self.opportunity.apply(d, trial, curve, incumbent, pressure, ended, min_epochs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule, "opportunity": self.opportunity.state_dict(),
+                "rungs": self.rungs.state_dict()}
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()``'s output (the rule stays the one given at construction)."""
+        self.opportunity = Opportunity.from_state_dict(d.get("opportunity", {}))
+        self.rungs = Rungs.from_state_dict(d.get("rungs", {}))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pfn.early_stop import (
     Calibrator,
     Decision,
     Opportunity,
+    Rungs,
     StopRule,
     budget_pressure,
     calibrate_decision,
@@ -32,6 +33,7 @@ from pfn.early_stop import (
     expected_gain,
     final_score,
     gate_by_budget,
+    is_rung,
     rule_from_dict,
     rule_to_dict,
 )
@@ -387,6 +389,48 @@ def test_opportunity_rule_prices_the_remaining_epochs() -> None:
     assert opp.apply(d, "r", at(2), 0.5, 5.0, ended).stop
     back = Opportunity.from_state_dict(json.loads(json.dumps(opp.state_dict())))
     assert back.state_dict() == opp.state_dict() and back.preds["a"][5].dtype == np.float32
+
+
+def test_rungs_keep_the_top_share_the_pressure_sets() -> None:
+    """Rungs at 1, 4, 16 values; every decision at a rung joins its population; a trial is
+    stopped unless within the top max(1/eta, 1/pressure) share (at least one); never between
+    rungs, at the horizon, with pressure <= 1 or inf; losses rank by the lowest median."""
+    assert [n for n in range(1, 70) if is_rung(n)] == [1, 4, 16, 64]
+    assert [n for n in range(1, 30) if is_rung(n, eta=3, first=2)] == [2, 6, 18]
+
+    def at(n: int, horizon: float = 40, direction: str = "max") -> Curve:
+        return Curve(list(range(1, n + 1)), [0.3] * n, horizon,
+                     direction=direction)  # type: ignore[arg-type]
+
+    r = Rungs()
+    for t, v in (("a", 0.9), ("b", 0.8), ("c", 0.7), ("d", 0.6), ("e", 0.5), ("f", 0.4),
+                 ("g", 0.3)):
+        r.apply(_point(v), t, at(1), 1.0)  # pressure 1: recorded, nothing stopped
+    assert len(r.scores[1]) == 7
+    # 8 trials, pressure 10: the top max(1/4, 1/10) x 8 = 2 go on
+    assert not r.apply(_point(0.85), "h", at(1), 10.0).stop  # 2nd of 8
+    got = r.apply(_point(0.75), "i", at(1), 10.0)  # 3rd of 9: int(9 / 4) = 2
+    assert got.stop and got.expected_remaining_epochs == 0
+    assert "ranks 4 of the 9" in got.reason and "top 2 (25%" in got.reason
+    # pressure 1.5: the top 2/3 go on
+    assert not r.apply(_point(0.65), "j", at(1), 1.5).stop  # 6th of 10: int(10 x 2/3) = 6
+    assert r.apply(_point(0.55), "k", at(1), 1.5).stop  # 8th of 11: int(11 x 2/3) = 7
+    d = _point(0.0)
+    for pressure in (1.0, 0.5, math.inf):
+        assert r.apply(d, "z", at(1), pressure) is d
+    assert r.apply(d, "z", at(2), 10.0) is d  # between rungs
+    assert r.apply(d, "z", at(4, horizon=4), 10.0) is d  # complete
+    stopped = _point(0.99, stop=True)
+    assert r.apply(stopped, "y", at(4), 10.0) is stopped and r.scores[4] == {"z": 0.0,
+                                                                          "y": 0.99}
+    lo = Rungs(eta=2)
+    lo.apply(_point(0.2), "a", at(1, direction="min"), 5.0)
+    assert lo.apply(_point(0.3), "b", at(1, direction="min"), 5.0).stop  # a higher loss
+    assert not lo.apply(_point(0.1), "c", at(1, direction="min"), 5.0).stop
+    back = Rungs.from_state_dict(json.loads(json.dumps(r.state_dict())))
+    assert back.state_dict() == r.state_dict()
+    with pytest.raises(CurveError, match="eta"):
+        Rungs(eta=1)
 
 
 def test_expected_gain_of_a_gaussian_and_its_mirror() -> None:

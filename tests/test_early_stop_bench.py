@@ -287,3 +287,30 @@ def test_calibrated_budget_policy_protects_the_first_trials(es, pred: Predictor,
     for r in reps:
         assert [k for _, k in r.runs[:2]] == [12, 12]
         assert any(k < 12 for _, k in r.runs[2:])  # something was stopped later
+
+
+@pytest.mark.parametrize("score", ["median", "value"])
+def test_rung_policy_stops_only_at_rungs_and_never_the_leader(es, pred: Predictor,
+                                                               tmp_path: Path,
+                                                               score: str) -> None:  # type: ignore[no-untyped-def]
+    """The integrations' default with a budget (pfn.early_stop.Rungs per ordering): stops
+    happen at 1 or 4 points only, never to the trial leading its rung, and the pressure's
+    cut lets the ordering spend its whole budget."""
+    f = write(tmp_path / "r.npz", synthetic(n=60, T=12, seed=5, ragged=False))
+    task = es.load_tasks(f, min_trials=1)[0]
+    cache = es.ThresholdCache(pred, task, (0.05,), max_checked=4)
+    pol = es.RungPolicy(cache, None, score=score)
+    assert pol.name == f"curvecast-rung{score}4f1"
+    orders = np.stack([np.random.default_rng(s).permutation(task.n) for s in range(2)])
+    reps = es.run_policy(task, orders, pol)
+    for r in reps:
+        stopped = [(i, k) for i, k in r.runs[:-1] if k < task.lengths[i]]  # last: budget
+        assert stopped and {k for _, k in stopped} <= {1, 4}
+        assert r.spent == r.budget
+        sc = r.ctx["rungs"].scores
+        for i, k in stopped:
+            assert sc[k][str(i)] < max(sc[k].values())
+        if score == "value":  # successive halving's ranking: the best value so far
+            for k, pop in sc.items():
+                for i, v in pop.items():
+                    assert v == pytest.approx(float(np.max(task.s[int(i), :k])))

@@ -36,10 +36,11 @@ def acc_curve(number: int) -> np.ndarray:
     return TOPS[number] * (1 - np.exp(-t / 2)) + 0.003 * rng.standard_normal(HORIZON)
 
 
-def make_objective(minimise: bool) -> Any:
+def make_objective(minimise: bool, curve: Any = acc_curve) -> Any:
+    """Reports ``curve(trial.number)`` (1 - it when minimising) step by step, pruning allowed."""
     def objective(trial: Any) -> float:
         trial.suggest_float("x", 0.0, 1.0)
-        y = acc_curve(trial.number)
+        y = curve(trial.number)
         v = 0.0
         for step in range(HORIZON):
             v = float(1.0 - y[step] if minimise else y[step])
@@ -211,13 +212,14 @@ def test_real_server_and_client_backend(pred: Predictor) -> None:
     budget = Budget(n_trials=len(TOPS), epochs=3 * HORIZON)
     with LocalServer(env=env) as srv:
         remote = run("maximize", Client(srv.url))
-        remote_b = run("maximize", Client(srv.url), budget=budget)
+        remote_b = run("maximize", Client(srv.url), budget=budget, budget_rule="opportunity")
     local = run("maximize", pred)
     assert_same_trials(remote, local, "curvecast_final_mean", 1e-4)
     # with a budget the client asks the server for the opportunity rule's quantiles too
-    local_b = run("maximize", pred, budget=budget)
+    local_b = run("maximize", pred, budget=budget, budget_rule="opportunity")
     assert [t.state for t in remote_b.trials] == [t.state for t in local_b.trials]
-    got, want = remote_b.pruner.opportunity.preds, local_b.pruner.opportunity.preds
+    got = remote_b.pruner.budgeted.opportunity.preds
+    want = local_b.pruner.budgeted.opportunity.preds
     assert got.keys() == want.keys() and len(got) >= 2
     for k in got:
         for n in got[k]:
@@ -234,7 +236,8 @@ def test_budget_gate_prunes_only_while_the_budget_is_short(pred: Predictor) -> N
     """Budget of 3 full runs for 5 trials: the first two complete (24 of 36 epochs), the bad
     trials 2 and 3 are pruned at once (untried trials need more than the budget left), the last
     one is kept (no untried trial: a stop would save nothing) until the budget is spent."""
-    study = run("maximize", pred, budget=Budget(n_trials=len(TOPS), epochs=3 * HORIZON))
+    study = run("maximize", pred, budget=Budget(n_trials=len(TOPS), epochs=3 * HORIZON),
+                budget_rule="opportunity")
     TS = optuna.trial.TrialState
     assert [t.state for t in study.trials] == [TS.COMPLETE] * 2 + [TS.PRUNED] * 3
     assert [len(t.intermediate_values) for t in study.trials] == [12, 12, 2, 2, 8]
@@ -242,7 +245,8 @@ def test_budget_gate_prunes_only_while_the_budget_is_short(pred: Predictor) -> N
     assert kept.user_attrs["curvecast_stop"] and kept.last_step == 7  # 36 epochs spent
     # a budget that reaches every trial vetoes every stop (without one the bad trials are
     # pruned at their second step: test_prunes_bad_trials_and_records_predictions)
-    ample = run("maximize", pred, budget=Budget(n_trials=len(TOPS), epochs=len(TOPS) * HORIZON))
+    ample = run("maximize", pred, budget=Budget(n_trials=len(TOPS), epochs=len(TOPS) * HORIZON),
+                budget_rule="opportunity")
     assert all(t.state == TS.COMPLETE for t in ample.trials)
     with pytest.raises(CurvecastError, match="budget"):
         CurvecastPruner(HORIZON, pred, budget=(5, 60))  # type: ignore[arg-type]
@@ -264,7 +268,8 @@ def test_opportunity_rule_prunes_what_the_paper_rule_keeps(pred: Predictor) -> N
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = CurvecastPruner(HORIZON, pred, rule=StopRule(delta=0.0), bounds=(0, 1),
-                             n_startup_trials=1, budget=Budget(n_trials=40, epochs=10 * HORIZON))
+                             n_startup_trials=1, budget=Budget(n_trials=40, epochs=10 * HORIZON),
+                             budget_rule="opportunity")
     study = optuna.create_study(direction="maximize", pruner=pruner)
     study.optimize(objective, n_trials=len(tops))
     TS = optuna.trial.TrialState
@@ -272,6 +277,38 @@ def test_opportunity_rule_prunes_what_the_paper_rule_keeps(pred: Predictor) -> N
     a = study.trials[4].user_attrs
     assert "opportunity cost" in a["curvecast_reason"] and a["curvecast_step"] == 1
     assert set(a["curvecast_final_quantiles"]) == {"0.05", "0.5", "0.95"}
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_rungs_prune_by_rank_whatever_the_rule_says(pred: Predictor, direction: str) -> None:
+    """With a budget (default budget_rule "rungs") trials are ranked at 1, 4, 16 values by
+    their predicted final median: a flat trial at a rung where better ones went before is
+    pruned even with delta 0 (the rule alone never prunes); the rule's stop never counts; a
+    good trial passes. Losses rank the other way."""
+    tops = [0.5, 0.8, 0.9, 0.05, 0.95]
+
+    def curve(n: int) -> np.ndarray:
+        return tops[n] * (1 - np.exp(-np.arange(1, HORIZON + 1) / 2))
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruner = CurvecastPruner(HORIZON, pred, rule=StopRule(delta=0.0), bounds=(0, 1),
+                             n_startup_trials=1, budget=Budget(n_trials=40, epochs=8 * HORIZON))
+    assert pruner.budgeted is not None and pruner.budgeted.rule == "rungs"
+    study = optuna.create_study(direction=direction, pruner=pruner)
+    study.optimize(make_objective(direction == "minimize", curve), n_trials=len(tops))
+    TS = optuna.trial.TrialState
+    # trial 0 completes (no incumbent yet); 1 and 2 lead the rungs they reach; 3 is last of 3
+    # at its first value (pressure ~7: the top quarter, at least one, goes on); 4 leads
+    assert [t.state for t in study.trials] == [TS.COMPLETE] * 3 + [TS.PRUNED, TS.COMPLETE]
+    a = study.trials[3].user_attrs
+    assert a["curvecast_step"] == 0 and "successive halving at 1 values" in a["curvecast_reason"]
+    assert "ranks 3 of the 3" in a["curvecast_reason"] and a["curvecast_stop"]
+    sc = pruner.budgeted.rungs.scores
+    assert set(sc) == {1, 4} and len(sc[1]) == 4
+    ranked = sorted(sc[4], key=lambda k: -sc[4][k])
+    assert ranked == ["4", "2", "1"]  # by predicted final, better first in either direction
+    with pytest.raises(CurvecastError, match="budget_rule"):
+        CurvecastPruner(HORIZON, pred, budget=Budget(3, 30), budget_rule="halving")  # type: ignore[arg-type]
 
 
 def test_backend_by_model_name_is_checked_early_and_loaded_lazily(pred: Predictor) -> None:

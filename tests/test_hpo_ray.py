@@ -180,7 +180,8 @@ def test_budget_gate_and_its_state(pred: Predictor, tmp_path: Path) -> None:
     def sched(epochs: float) -> CurvecastScheduler:
         return CurvecastScheduler(HORIZON, pred, metric="acc", mode="max", rule=RULE,
                                   bounds=(0, 1), n_startup_trials=1,
-                                  budget=Budget(n_trials=3, epochs=epochs))
+                                  budget=Budget(n_trials=3, epochs=epochs),
+                                  budget_rule="opportunity")
 
     ample, short = sched(100), sched(20)
     for s in (ample, short):
@@ -207,7 +208,8 @@ def test_opportunity_rule_stops_what_the_paper_rule_keeps(pred: Predictor,
     predictions survive save/restore, and the shown quantiles are only the asked ones."""
     s = CurvecastScheduler(HORIZON, pred, metric="acc", mode="max", rule=StopRule(delta=0.0),
                            bounds=(0, 1), n_startup_trials=1,
-                           budget=Budget(n_trials=40, epochs=10 * HORIZON))
+                           budget=Budget(n_trials=40, epochs=10 * HORIZON),
+                           budget_rule="opportunity")
     for top in (0.9, 0.88, 0.89, 0.87):
         assert STOP not in play(s, Trial("f", stub=True), acc(top))
     poor = Trial("f", stub=True)
@@ -216,9 +218,32 @@ def test_opportunity_rule_stops_what_the_paper_rule_keeps(pred: Predictor,
     last = s.decisions[poor.trial_id]
     assert "opportunity cost" in last["reason"] and set(last["final_quantiles"]) == {
         "0.05", "0.5", "0.95"}
-    assert len(s.opportunity.preds) == 4  # every trial decided with an incumbent
+    assert s.budgeted is not None and len(s.budgeted.opportunity.preds) == 4
     path = tmp_path / "s.json"
     s.save(str(path))
-    fresh = CurvecastScheduler(1, pred)
+    fresh = CurvecastScheduler(1, pred, budget=Budget(40, 10), budget_rule="opportunity")
     fresh.restore(str(path))
-    assert fresh.opportunity.state_dict() == s.opportunity.state_dict()
+    assert fresh.budgeted is not None
+    assert fresh.budgeted.opportunity.state_dict() == s.budgeted.opportunity.state_dict()
+
+
+def test_rungs_stop_by_rank_and_survive_save_restore(pred: Predictor, tmp_path: Path) -> None:
+    """budget_rule "rungs" (the default with a budget): a poor trial is stopped at its first
+    result because it ranks last among the trials that reached that rung, with delta 0 (the
+    rule alone never stops); the rung populations survive save/restore."""
+    s = CurvecastScheduler(HORIZON, pred, metric="acc", mode="max", rule=StopRule(delta=0.0),
+                           bounds=(0, 1), n_startup_trials=1,
+                           budget=Budget(n_trials=40, epochs=8 * HORIZON))
+    for top in (0.5, 0.8, 0.9):
+        assert STOP not in play(s, Trial("f", stub=True), acc(top))
+    poor = Trial("f", stub=True)
+    assert play(s, poor, acc(0.05)) == [STOP]
+    assert "successive halving at 1 values" in s.decisions[poor.trial_id]["reason"]
+    assert s.budgeted is not None
+    assert len(s.budgeted.rungs.scores[1]) == 3 and len(s.budgeted.rungs.scores[4]) == 2
+    path = tmp_path / "s.json"
+    s.save(str(path))
+    fresh = CurvecastScheduler(1, pred, budget=Budget(40, 10))
+    fresh.restore(str(path))
+    assert fresh.budgeted is not None
+    assert fresh.budgeted.state_dict() == s.budgeted.state_dict()

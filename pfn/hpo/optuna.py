@@ -23,10 +23,14 @@ this one included (``"observed"``, the paper's replay setting). Nothing is prune
 ``n_startup_trials`` (2) trials completed, nor before the rule's ``min_epochs`` values. With a
 ``budget=Budget(n_trials, epochs)`` (the study's plan: ``optimize(n_trials=...)`` and the epochs
 all trials together may spend, counted as reported steps) the stopping becomes budget-aware:
-a stop is vetoed while the budget would still reach every untried trial
-(``pfn.early_stop.gate_by_budget``), and while it would not, a trial that offers less expected
-improvement per remaining epoch than the ended trials did at the same point is pruned
-(``pfn.early_stop.Opportunity``; its predictions live in the pruner, in memory). With
+trials are compared with each other at rungs (1, 4, 16 ... values), as successive halving
+does but ranked by the model's predicted final value, and the worse ones pruned as far as the
+budget demands (``budget_rule="rungs"``, the default, ``pfn.early_stop.Rungs``); or
+(``budget_rule="opportunity"``) the rule's stop is vetoed while the budget would still reach
+every untried trial (``pfn.early_stop.gate_by_budget``), and while it would not, a trial that
+offers less expected improvement per remaining epoch than the ended trials did at the same
+point is pruned (``pfn.early_stop.Opportunity``). Their state lives in the pruner, in memory
+(``pfn.early_stop.BudgetAware``). With
 ``calibrate=True`` (default) the trials that complete at the horizon calibrate later decisions
 (``pfn.early_stop.Calibrator``).
 
@@ -55,13 +59,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pfn.early_stop import (
     DEFAULT_QUANTILES,
-    OPPORTUNITY_LEVELS,
     Budget,
+    BudgetAware,
+    BudgetRule,
     Decision,
-    Opportunity,
     StopRule,
     budget_pressure,
-    gate_by_budget,
 )
 from pfn.errors import CurvecastError
 from pfn.hpo import Decider, IncumbentMode, best, check_incumbent_mode
@@ -90,6 +93,7 @@ class CurvecastPruner(BasePruner):
         fail_open: bool = True,
         calibrate: bool = True,
         budget: Budget | None = None,
+        budget_rule: BudgetRule = "rungs",
     ) -> None:
         if budget is not None and not isinstance(budget, Budget):
             raise CurvecastError(f"budget: must be a pfn.early_stop.Budget or None, got "
@@ -108,10 +112,11 @@ class CurvecastPruner(BasePruner):
         self.interval_steps = interval_steps
         self.incumbent = check_incumbent_mode(incumbent)
         self.fail_open = fail_open
+        # with a budget: the rung rule's or the opportunity rule's state (in memory)
+        self.budgeted = None if budget is None else BudgetAware(budget, budget_rule)
         self.decider = Decider(backend, rule, quantiles, calibrate,
-                               keep_levels=OPPORTUNITY_LEVELS if budget is not None else ())
+                               keep_levels=self.budgeted.keep_levels if self.budgeted else ())
         self.budget = budget
-        self.opportunity = Opportunity()  # the trials' predictions (used with a budget)
         self._calibrated: set[int] = set()  # completed trials the calibrator has seen
 
     def _incumbent(self, study: optuna.study.Study, trial: FrozenTrial,
@@ -170,12 +175,11 @@ class CurvecastPruner(BasePruner):
 
     def _budgeted(self, study: optuna.study.Study, trial: FrozenTrial, curve: Curve,
                   inc: float, d: Decision) -> Decision:
-        """The budget gate, then the opportunity rule (``pfn.early_stop.Opportunity``)."""
+        """The budget-aware rule (``pfn.early_stop.BudgetAware``)."""
+        assert self.budgeted is not None
         p, ended = self._plan(study.get_trials(deepcopy=False))
-        self.opportunity.record(str(trial.number), curve, d)
-        d = gate_by_budget(d, p, curve)
-        return self.opportunity.apply(d, str(trial.number), curve, inc, p, ended,
-                                      self.decider.rule.min_epochs)
+        return self.budgeted.apply(d, str(trial.number), curve, inc, p, ended,
+                                   self.decider.rule.min_epochs)
 
     def prune(self, study: optuna.study.Study, trial: FrozenTrial) -> bool:
         if len(study.directions) != 1:

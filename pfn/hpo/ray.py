@@ -19,10 +19,14 @@ With ``calibrate=True`` (default) the trials that complete at the horizon calibr
 decisions (``pfn.early_stop.Calibrator``). ``metric`` and ``mode`` may also come from
 ``tune.TuneConfig``. With a ``budget=Budget(n_trials, epochs)`` (the experiment's plan:
 ``num_samples`` and the results all trials together may report) the stopping becomes
-budget-aware: a stop is vetoed while the budget would still reach every untried trial
-(``pfn.early_stop.gate_by_budget``), and while it would not, a trial that offers less expected
-improvement per remaining epoch than the ended trials did at the same point is stopped
-(``pfn.early_stop.Opportunity``, saved with the state).
+budget-aware: trials are compared with each other at rungs (1, 4, 16 ... results), as
+successive halving does but ranked by the model's predicted final value, and the worse ones
+stopped as far as the budget demands (``budget_rule="rungs"``, the default,
+``pfn.early_stop.Rungs``); or (``budget_rule="opportunity"``) a stop is vetoed while the budget
+would still reach every untried trial (``pfn.early_stop.gate_by_budget``), and while it would
+not, a trial that offers less expected improvement per remaining epoch than the ended trials
+did at the same point is stopped (``pfn.early_stop.Opportunity``). Their state
+(``pfn.early_stop.BudgetAware``) is saved with the scheduler's.
 
 State (histories, finals, stopped trials, last decisions, calibration) is saved as JSON by
 ``save(path)`` and read back by ``restore(path)``; ``state_dict()`` / ``load_state_dict()`` give
@@ -49,14 +53,13 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from pfn.early_stop import (
     DEFAULT_QUANTILES,
-    OPPORTUNITY_LEVELS,
     Budget,
+    BudgetAware,
+    BudgetRule,
     Calibrator,
-    Opportunity,
     StopRule,
     budget_pressure,
     decision_to_dict,
-    gate_by_budget,
     rule_from_dict,
     rule_to_dict,
 )
@@ -90,6 +93,7 @@ class CurvecastScheduler(FIFOScheduler):
         calibrate: bool = True,
         n_startup_trials: int = 2,
         budget: Budget | None = None,
+        budget_rule: BudgetRule = "rungs",
     ) -> None:
         super().__init__()
         if budget is not None and not isinstance(budget, Budget):
@@ -113,10 +117,11 @@ class CurvecastScheduler(FIFOScheduler):
         self.bounds = bounds
         self.incumbent = check_incumbent_mode(incumbent)
         self.fail_open = fail_open
+        # with a budget: the rung rule's or the opportunity rule's state (saved with ours)
+        self.budgeted = None if budget is None else BudgetAware(budget, budget_rule)
         self.decider = Decider(backend, rule, quantiles, calibrate,
-                               keep_levels=OPPORTUNITY_LEVELS if budget is not None else ())
+                               keep_levels=self.budgeted.keep_levels if self.budgeted else ())
         self.budget = budget
-        self.opportunity = Opportunity()  # the trials' predictions (used with a budget)
         self.ended: set[str] = set()  # trials that completed, were stopped or failed
         self.histories: dict[str, list[list[float]]] = {}  # trial id -> [[time, value], ...]
         self.finals: dict[str, float] = {}  # trials that completed without being stopped
@@ -231,12 +236,9 @@ class CurvecastScheduler(FIFOScheduler):
             return TrialScheduler.CONTINUE
         try:
             d = self.decider([curve], [inc])[0]
-            if self.budget is not None:  # the gate, then the opportunity rule
-                p = self.pressure()
-                self.opportunity.record(tid, curve, d)
-                d = gate_by_budget(d, p, curve)
-                d = self.opportunity.apply(d, tid, curve, inc, p, sorted(self.ended),
-                                           self.decider.rule.min_epochs)
+            if self.budgeted is not None:  # the budget-aware rule
+                d = self.budgeted.apply(d, tid, curve, inc, self.pressure(), sorted(self.ended),
+                                        self.decider.rule.min_epochs)
         except ValueError:  # a user error (CurvecastError, or the client's 4xx): report it
             raise
         except Exception as e:  # transport/server failure: never kill the experiment
@@ -270,7 +272,7 @@ class CurvecastScheduler(FIFOScheduler):
             "finals": self.finals,
             "stopped": sorted(self.stopped),
             "ended": sorted(self.ended),
-            "opportunity": self.opportunity.state_dict(),
+            "budget_rule": None if self.budgeted is None else self.budgeted.state_dict(),
             "decisions": self.decisions,
             "calibration": (None if self.decider.calibrator is None
                             else self.decider.calibrator.state_dict()),
@@ -291,7 +293,9 @@ class CurvecastScheduler(FIFOScheduler):
         self.stopped = set(state["stopped"])
         # (states saved before the budget gate existed: the completed and stopped trials)
         self.ended = set(state.get("ended", [*self.finals, *self.stopped]))
-        self.opportunity = Opportunity.from_state_dict(state.get("opportunity", {}))
+        if self.budgeted is not None:  # (states saved before the rungs kept "opportunity")
+            self.budgeted.load_state_dict(state.get("budget_rule")
+                                          or {"opportunity": state.get("opportunity", {})})
         self.decisions = dict(state["decisions"])
         if "calibration" in state:  # absent in states saved before calibration existed
             cal = state["calibration"]
