@@ -213,6 +213,7 @@ def test_real_server_and_client_backend(pred: Predictor) -> None:
     with LocalServer(env=env) as srv:
         remote = run("maximize", Client(srv.url))
         remote_b = run("maximize", Client(srv.url), budget=budget, budget_rule="opportunity")
+        remote_r = run("maximize", Client(srv.url), budget=Budget(40, 4 * HORIZON))
     local = run("maximize", pred)
     assert_same_trials(remote, local, "curvecast_final_mean", 1e-4)
     # with a budget the client asks the server for the opportunity rule's quantiles too
@@ -224,6 +225,13 @@ def test_real_server_and_client_backend(pred: Predictor) -> None:
     for k in got:
         for n in got[k]:
             assert got[k][n] == pytest.approx(want[k][n], abs=1e-4)
+    # the rung rule over HTTP: the client asks for the median, the same trials are pruned
+    local_r = run("maximize", pred, budget=Budget(40, 4 * HORIZON))
+    assert [t.state for t in remote_r.trials] == [t.state for t in local_r.trials]
+    got_r, want_r = remote_r.pruner.budgeted.rungs.scores, local_r.pruner.budgeted.rungs.scores
+    assert got_r.keys() == want_r.keys() and len(got_r[1]) >= 3
+    for n in got_r:
+        assert got_r[n] == pytest.approx(want_r[n], abs=1e-4)
     # a user error answered with a 4xx is raised, not swallowed by fail_open
     with LocalServer(env=env) as srv:
         study = optuna.create_study(direction="maximize",
@@ -292,21 +300,28 @@ def test_rungs_prune_by_rank_whatever_the_rule_says(pred: Predictor, direction: 
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = CurvecastPruner(HORIZON, pred, rule=StopRule(delta=0.0), bounds=(0, 1),
-                             n_startup_trials=1, budget=Budget(n_trials=40, epochs=8 * HORIZON))
+                             budget=Budget(n_trials=40, epochs=8 * HORIZON))
     assert pruner.budgeted is not None and pruner.budgeted.rule == "rungs"
+    assert pruner.n_startup_trials == 0  # the rungs need no incumbent: none protected
     study = optuna.create_study(direction=direction, pruner=pruner)
     study.optimize(make_objective(direction == "minimize", curve), n_trials=len(tops))
     TS = optuna.trial.TrialState
-    # trial 0 completes (no incumbent yet); 1 and 2 lead the rungs they reach; 3 is last of 3
-    # at its first value (pressure ~7: the top quarter, at least one, goes on); 4 leads
+    # trial 0 leads its rungs alone (decided without an incumbent); 1 and 2 lead the rungs they
+    # reach; 3 is last of 4 at its first value (pressure ~5: the top quarter, at least one,
+    # goes on); 4 leads
     assert [t.state for t in study.trials] == [TS.COMPLETE] * 3 + [TS.PRUNED, TS.COMPLETE]
+    assert study.trials[0].user_attrs["curvecast_step"] == HORIZON - 1
     a = study.trials[3].user_attrs
     assert a["curvecast_step"] == 0 and "successive halving at 1 values" in a["curvecast_reason"]
-    assert "ranks 3 of the 3" in a["curvecast_reason"] and a["curvecast_stop"]
+    assert "ranks 4 of the 4" in a["curvecast_reason"] and a["curvecast_stop"]
     sc = pruner.budgeted.rungs.scores
-    assert set(sc) == {1, 4} and len(sc[1]) == 4
+    assert set(sc) == {1, 4} and len(sc[1]) == 5
     ranked = sorted(sc[4], key=lambda k: -sc[4][k])
-    assert ranked == ["4", "2", "1"]  # by predicted final, better first in either direction
+    assert ranked == ["4", "2", "1", "0"]  # by predicted final, better first either way
+    assert CurvecastPruner(HORIZON, pred, budget=Budget(3, 30), n_startup_trials=2,
+                           budget_rule="rungs").n_startup_trials == 2
+    assert CurvecastPruner(HORIZON, pred, budget=Budget(3, 30),
+                           budget_rule="opportunity").n_startup_trials == 2
     with pytest.raises(CurvecastError, match="budget_rule"):
         CurvecastPruner(HORIZON, pred, budget=Budget(3, 30), budget_rule="halving")  # type: ignore[arg-type]
 

@@ -232,15 +232,15 @@ def test_rungs_stop_by_rank_and_survive_save_restore(pred: Predictor, tmp_path: 
     result because it ranks last among the trials that reached that rung, with delta 0 (the
     rule alone never stops); the rung populations survive save/restore."""
     s = CurvecastScheduler(HORIZON, pred, metric="acc", mode="max", rule=StopRule(delta=0.0),
-                           bounds=(0, 1), n_startup_trials=1,
-                           budget=Budget(n_trials=40, epochs=8 * HORIZON))
+                           bounds=(0, 1), budget=Budget(n_trials=40, epochs=8 * HORIZON))
+    assert s.n_startup_trials == 0  # the rungs need no incumbent: none protected
     for top in (0.5, 0.8, 0.9):
         assert STOP not in play(s, Trial("f", stub=True), acc(top))
     poor = Trial("f", stub=True)
     assert play(s, poor, acc(0.05)) == [STOP]
     assert "successive halving at 1 values" in s.decisions[poor.trial_id]["reason"]
     assert s.budgeted is not None
-    assert len(s.budgeted.rungs.scores[1]) == 3 and len(s.budgeted.rungs.scores[4]) == 2
+    assert len(s.budgeted.rungs.scores[1]) == 4 and len(s.budgeted.rungs.scores[4]) == 3
     path = tmp_path / "s.json"
     s.save(str(path))
     fresh = CurvecastScheduler(1, pred, budget=Budget(40, 10))

@@ -20,7 +20,8 @@ complete trial reports. The study's direction sets the metric's direction (a min
 improves downwards). The incumbent is the best final value of the completed trials
 (``incumbent="completed"``, the default) or the best value any trial has reported so far,
 this one included (``"observed"``, the paper's replay setting). Nothing is pruned before
-``n_startup_trials`` (2) trials completed, nor before the rule's ``min_epochs`` values. With a
+``n_startup_trials`` trials completed (2; 0 with a budget and the rung rule, which needs no
+incumbent), nor before the rule's ``min_epochs`` values. With a
 ``budget=Budget(n_trials, epochs)`` (the study's plan: ``optimize(n_trials=...)`` and the epochs
 all trials together may spend, counted as reported steps) the stopping becomes budget-aware:
 trials are compared with each other at rungs (1, 4, 16 ... values), as successive halving
@@ -67,7 +68,7 @@ from pfn.early_stop import (
     budget_pressure,
 )
 from pfn.errors import CurvecastError
-from pfn.hpo import Decider, IncumbentMode, best, check_incumbent_mode
+from pfn.hpo import Decider, IncumbentMode, best, check_incumbent_mode, check_startup
 from pfn.predictor import Curve
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class CurvecastPruner(BasePruner):
         rule: StopRule = StopRule(),
         bounds: tuple[float | None, float | None] | None = None,
         first_step: int = 0,
-        n_startup_trials: int = 2,
+        n_startup_trials: int | None = None,
         interval_steps: int = 1,
         incumbent: IncumbentMode = "completed",
         quantiles: Sequence[float] = DEFAULT_QUANTILES,
@@ -101,14 +102,15 @@ class CurvecastPruner(BasePruner):
         if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
             raise CurvecastError(f"horizon: must be an integer >= 1 (steps of a complete "
                                  f"trial), got {horizon!r}")
-        for name, v, lo in (("n_startup_trials", n_startup_trials, 0),
-                            ("interval_steps", interval_steps, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise CurvecastError(f"{name}: must be an integer >= {lo}, got {v!r}")
+        if isinstance(interval_steps, bool) or not isinstance(interval_steps, int) \
+                or interval_steps < 1:
+            raise CurvecastError(f"interval_steps: must be an integer >= 1, got "
+                                 f"{interval_steps!r}")
         self.horizon = horizon
         self.bounds = bounds
         self.first_step = int(first_step)
-        self.n_startup_trials = n_startup_trials
+        self.n_startup_trials = check_startup(n_startup_trials,
+                                              None if budget is None else budget_rule)
         self.interval_steps = interval_steps
         self.incumbent = check_incumbent_mode(incumbent)
         self.fail_open = fail_open
@@ -120,14 +122,16 @@ class CurvecastPruner(BasePruner):
         self._calibrated: set[int] = set()  # completed trials the calibrator has seen
 
     def _incumbent(self, study: optuna.study.Study, trial: FrozenTrial,
-                   direction: str) -> float | None:
+                   direction: str) -> tuple[bool, float | None]:
+        """(whether n_startup_trials trials completed, the incumbent or None)."""
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if len(done) < self.n_startup_trials:
-            return None
+            return False, None
         if self.incumbent == "completed":
-            return best((t.value for t in done), direction)
+            return True, best((t.value for t in done), direction)
         others = study.get_trials(deepcopy=False)
-        return best((v for t in others for v in t.intermediate_values.values()), direction)
+        return True, best((v for t in others for v in t.intermediate_values.values()),
+                          direction)
 
     def _curve(self, trial: FrozenTrial, direction: Literal["max", "min"]) -> Curve | None:
         steps = [s for s in sorted(trial.intermediate_values)
@@ -174,7 +178,7 @@ class CurvecastPruner(BasePruner):
         return p, [str(t.number) for t in ended]
 
     def _budgeted(self, study: optuna.study.Study, trial: FrozenTrial, curve: Curve,
-                  inc: float, d: Decision) -> Decision:
+                  inc: float | None, d: Decision) -> Decision:
         """The budget-aware rule (``pfn.early_stop.BudgetAware``)."""
         assert self.budgeted is not None
         p, ended = self._plan(study.get_trials(deepcopy=False))
@@ -190,8 +194,9 @@ class CurvecastPruner(BasePruner):
             return False
         direction: Literal["max", "min"] = (
             "max" if study.direction == StudyDirection.MAXIMIZE else "min")
-        inc = self._incumbent(study, trial, direction)
-        if inc is None:
+        started, inc = self._incumbent(study, trial, direction)
+        ranks = self.budgeted is not None and self.budgeted.rule == "rungs"
+        if not started or (inc is None and not ranks):  # the rungs need no incumbent
             return False
         curve = self._curve(trial, direction)
         if curve is None:

@@ -14,7 +14,8 @@ at a complete trial's last result). ``on_trial_result`` returns ``STOP`` when cu
 
 The incumbent is the best final value of the trials that completed without being stopped
 (``incumbent="completed"``, default) or the best value any trial reported so far, this one
-included (``"observed"``). Nothing is stopped before ``n_startup_trials`` (2) trials completed.
+included (``"observed"``). Nothing is stopped before ``n_startup_trials`` trials completed (2;
+0 with a budget and the rung rule, which needs no incumbent).
 With ``calibrate=True`` (default) the trials that complete at the horizon calibrate later
 decisions (``pfn.early_stop.Calibrator``). ``metric`` and ``mode`` may also come from
 ``tune.TuneConfig``. With a ``budget=Budget(n_trials, epochs)`` (the experiment's plan:
@@ -64,7 +65,7 @@ from pfn.early_stop import (
     rule_to_dict,
 )
 from pfn.errors import CurvecastError
-from pfn.hpo import Decider, IncumbentMode, best, check_incumbent_mode
+from pfn.hpo import Decider, IncumbentMode, best, check_incumbent_mode, check_startup
 from pfn.predictor import Curve
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ class CurvecastScheduler(FIFOScheduler):
         quantiles: Sequence[float] = DEFAULT_QUANTILES,
         fail_open: bool = True,
         calibrate: bool = True,
-        n_startup_trials: int = 2,
+        n_startup_trials: int | None = None,
         budget: Budget | None = None,
         budget_rule: BudgetRule = "rungs",
     ) -> None:
@@ -105,12 +106,9 @@ class CurvecastScheduler(FIFOScheduler):
                                  f"complete trial's last result), got {horizon!r}")
         if mode is not None and mode not in ("min", "max"):
             raise CurvecastError(f"mode: must be 'min' or 'max', got {mode!r}")
-        if isinstance(n_startup_trials, bool) or not isinstance(n_startup_trials, int) \
-                or n_startup_trials < 0:
-            raise CurvecastError(f"n_startup_trials: must be an integer >= 0, got "
-                                 f"{n_startup_trials!r}")
         self.horizon = float(horizon)
-        self.n_startup_trials = n_startup_trials
+        self.n_startup_trials = check_startup(n_startup_trials,
+                                              None if budget is None else budget_rule)
         self._metric = metric
         self._mode = mode
         self.time_attr = time_attr
@@ -201,12 +199,13 @@ class CurvecastScheduler(FIFOScheduler):
         hist.append([t, v])
         return True
 
-    def _incumbent(self, tid: str) -> float | None:
+    def _incumbent(self, tid: str) -> tuple[bool, float | None]:
+        """(whether n_startup_trials trials completed, the incumbent or None)."""
         if len(self.finals) < self.n_startup_trials:
-            return None  # nothing is stopped before n_startup_trials trials completed
+            return False, None  # nothing is stopped before n_startup_trials trials completed
         if self.incumbent == "completed":
-            return best(self.finals.values(), self.direction)
-        return best((v for h in self.histories.values() for _, v in h), self.direction)
+            return True, best(self.finals.values(), self.direction)
+        return True, best((v for h in self.histories.values() for _, v in h), self.direction)
 
     def _curve(self, history: Sequence[Sequence[float]]) -> Curve | None:
         hist = [(t, v) for t, v in history if math.isfinite(v)]
@@ -228,8 +227,9 @@ class CurvecastScheduler(FIFOScheduler):
         """Record one result of trial ``tid`` and return CONTINUE or STOP."""
         if not self._record(tid, result):
             return TrialScheduler.CONTINUE
-        inc = self._incumbent(tid)
-        if inc is None:
+        started, inc = self._incumbent(tid)
+        ranks = self.budgeted is not None and self.budgeted.rule == "rungs"
+        if not started or (inc is None and not ranks):  # the rungs need no incumbent
             return TrialScheduler.CONTINUE
         curve = self._curve(self.histories[tid])
         if curve is None:
