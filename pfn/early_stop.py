@@ -425,13 +425,18 @@ class BudgetAware:
         return self.opportunity.apply(d, trial, curve, incumbent, pressure, ended, min_epochs)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule, "opportunity": self.opportunity.state_dict(),
+        return {"budget": {"n_trials": self.budget.n_trials, "epochs": self.budget.epochs},
+                "rule": self.rule, "opportunity": self.opportunity.state_dict(),
                 "rungs": self.rungs.state_dict()}
 
-    def load_state_dict(self, d: Mapping[str, Any]) -> None:
-        """Restore ``state_dict()``'s output (the rule stays the one given at construction)."""
-        self.opportunity = Opportunity.from_state_dict(d.get("opportunity", {}))
-        self.rungs = Rungs.from_state_dict(d.get("rungs", {}))
+    @classmethod
+    def from_state_dict(cls, d: Mapping[str, Any]) -> BudgetAware:
+        """The plan, the rule and its state from ``state_dict()``'s output."""
+        b = d["budget"]
+        out = cls(Budget(int(b["n_trials"]), float(b["epochs"])), str(d["rule"]))
+        out.opportunity = Opportunity.from_state_dict(d.get("opportunity", {}))
+        out.rungs = Rungs.from_state_dict(d.get("rungs", {}))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

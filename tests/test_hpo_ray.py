@@ -221,10 +221,12 @@ def test_opportunity_rule_stops_what_the_paper_rule_keeps(pred: Predictor,
     assert s.budgeted is not None and len(s.budgeted.opportunity.preds) == 4
     path = tmp_path / "s.json"
     s.save(str(path))
-    fresh = CurvecastScheduler(1, pred, budget=Budget(40, 10), budget_rule="opportunity")
+    fresh = CurvecastScheduler(1, pred)  # the plan and the budget rule come with the state
     fresh.restore(str(path))
-    assert fresh.budgeted is not None
+    assert fresh.budgeted is not None and fresh.budgeted.rule == "opportunity"
+    assert fresh.budget == Budget(40, 10 * HORIZON)
     assert fresh.budgeted.opportunity.state_dict() == s.budgeted.opportunity.state_dict()
+    assert fresh.decider.keep_levels == s.decider.keep_levels
 
 
 def test_rungs_stop_by_rank_and_survive_save_restore(pred: Predictor, tmp_path: Path) -> None:
@@ -243,7 +245,8 @@ def test_rungs_stop_by_rank_and_survive_save_restore(pred: Predictor, tmp_path: 
     assert len(s.budgeted.rungs.scores[1]) == 4 and len(s.budgeted.rungs.scores[4]) == 3
     path = tmp_path / "s.json"
     s.save(str(path))
-    fresh = CurvecastScheduler(1, pred, budget=Budget(40, 10))
+    fresh = CurvecastScheduler(1, pred)
     fresh.restore(str(path))
     assert fresh.budgeted is not None
     assert fresh.budgeted.state_dict() == s.budgeted.state_dict()
+    assert fresh.state_dict() == s.state_dict()

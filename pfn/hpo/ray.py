@@ -58,6 +58,7 @@ from pfn.early_stop import (
     BudgetAware,
     BudgetRule,
     Calibrator,
+    Opportunity,
     StopRule,
     budget_pressure,
     decision_to_dict,
@@ -293,9 +294,12 @@ class CurvecastScheduler(FIFOScheduler):
         self.stopped = set(state["stopped"])
         # (states saved before the budget gate existed: the completed and stopped trials)
         self.ended = set(state.get("ended", [*self.finals, *self.stopped]))
-        if self.budgeted is not None:  # (states saved before the rungs kept "opportunity")
-            self.budgeted.load_state_dict(state.get("budget_rule")
-                                          or {"opportunity": state.get("opportunity", {})})
+        if state.get("budget_rule"):  # the plan and the budget rule, as saved
+            self.budgeted = BudgetAware.from_state_dict(state["budget_rule"])
+            self.budget = self.budgeted.budget
+            self.decider.keep_levels = self.budgeted.keep_levels
+        elif self.budgeted is not None and "opportunity" in state:  # saved before the rungs
+            self.budgeted.opportunity = Opportunity.from_state_dict(state["opportunity"])
         self.decisions = dict(state["decisions"])
         if "calibration" in state:  # absent in states saved before calibration existed
             cal = state["calibration"]
