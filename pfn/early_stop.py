@@ -29,10 +29,14 @@ Rules (``StopRule.kind``); none fires before ``min_epochs`` values are observed:
   A cost-aware rule: a trial far from its end must promise more to keep running.
 
 Budget-aware stopping (study-level, used by the integrations with ``budget=Budget(n_trials,
-epochs)``): ``budget_pressure`` says how far the budget left falls short of the untried trials;
-``gate_by_budget`` vetoes a stop while it does not (pressure < 1), and ``Opportunity`` adds a
-stop, while it does, for a trial that offers less expected improvement per remaining epoch than
-the ended trials did at the same point (weighted by 1 - 1/pressure).
+epochs)``, through ``BudgetAware``): ``budget_pressure`` says how far the budget left falls
+short of the untried trials. ``Rungs`` (``budget_rule="rungs"``, the default) ranks the trials
+that reached the same rung (1, 4, 16 ... values) by their predicted final median and stops
+those outside the top ``max(1/4, 1/pressure)``; the rule's own verdict is then not used. With
+``budget_rule="opportunity"``, ``gate_by_budget`` vetoes the rule's stop while the budget
+reaches every untried trial (pressure < 1), and ``Opportunity`` adds a stop, while it does
+not, for a trial that offers less expected improvement per remaining epoch than the ended
+trials did at the same point (weighted by 1 - 1/pressure).
 
 ``Decision.expected_remaining_epochs`` is ``0`` when the decision is to stop, else the epochs
 left until the horizon (what continuing the trial costs if nothing stops it later). A trial
@@ -297,12 +301,20 @@ RUNG_ETA = 4  # successive halving's reduction factor (Optuna's SuccessiveHalvin
 RUNG_FIRST = 1  # values observed at the first rung
 
 
+def rung_at(n_obs: int, eta: int = RUNG_ETA, first: int = RUNG_FIRST) -> int | None:
+    """The highest rung (``first`` x ``eta``^m values, m = 0, 1, ...) at or below ``n_obs``;
+    None below the first."""
+    if n_obs < first:
+        return None
+    r = first
+    while r * eta <= n_obs:
+        r *= eta
+    return r
+
+
 def is_rung(n_obs: int, eta: int = RUNG_ETA, first: int = RUNG_FIRST) -> bool:
     """Whether ``n_obs`` observed values make a rung: ``first`` x ``eta``^m, m = 0, 1, ..."""
-    r = first
-    while r < n_obs:
-        r *= eta
-    return r == n_obs
+    return rung_at(n_obs, eta, first) == n_obs
 
 
 class Rungs:
@@ -319,8 +331,10 @@ class Rungs:
     nothing while the budget reaches every untried trial (pressure < 1). Unlike successive
     halving it ranks trials by where the model extrapolates them to end, not by the value
     reached so far, so a trial that rises steeply passes a flat one that is ahead today.
-    Between rungs it does nothing (a promoted trial runs to its next rung). State:
-    ``scores`` (``state_dict`` gives plain JSON).
+    Between rungs it does nothing (a promoted trial runs to its next rung). A trial not
+    decided at a rung (e.g. Optuna's ``interval_steps`` > 1, or missing values) is judged at
+    its first decision after it, with the prediction of that moment. State: ``scores``
+    (``state_dict`` gives plain JSON).
     """
 
     def __init__(self, eta: int = RUNG_ETA, first: int = RUNG_FIRST) -> None:
@@ -337,14 +351,15 @@ class Rungs:
         """``d``, or a stop when the trial, at a rung, ranks below the cut (see the class).
         Every decision at a rung records the trial's score, whatever ``d`` says."""
         o = _observed(curve)
-        if o is None or not is_rung(o[1], self.eta, self.first):
+        rung = None if o is None else rung_at(o[1], self.eta, self.first)
+        if o is None or rung is None:
             return d
         last, n_obs = o
         med = d.final_quantiles.get(0.5, d.final_mean)
-        if not math.isfinite(med):
-            return d
+        pop = self.scores.setdefault(rung, {})
+        if not math.isfinite(med) or (n_obs > rung and str(trial) in pop):
+            return d  # no score, or already judged at this rung
         sign = -1.0 if getattr(curve, "direction", "max") == "min" else 1.0
-        pop = self.scores.setdefault(n_obs, {})
         pop[str(trial)] = sign * float(med)
         if d.stop or last >= float(curve.horizon) or not 1.0 < pressure < math.inf:
             return d
@@ -354,7 +369,8 @@ class Rungs:
         rank = 1 + sum(v > sign * med for v in ranked)
         if sign * med >= ranked[keep - 1]:
             return d
-        return _stopped(d, f"successive halving at {n_obs} values: predicted final median "
+        at = f"{rung} values" + (f" ({n_obs} observed)" if n_obs > rung else "")
+        return _stopped(d, f"successive halving at {at}: predicted final median "
                            f"{med:.4g} ranks {rank} of the {len(pop)} trials that reached "
                            f"this rung; the top {keep} ({share:.0%}: budget pressure "
                            f"{pressure:.2f}, eta {self.eta}) go on")

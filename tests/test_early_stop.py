@@ -431,6 +431,16 @@ def test_rungs_keep_the_top_share_the_pressure_sets() -> None:
     assert back.state_dict() == r.state_dict()
     with pytest.raises(CurveError, match="eta"):
         Rungs(eta=1)
+    # decisions every other value (1, 3, 5, ...): the rung of 4 is judged at 5, once
+    late = Rungs()
+    for t, v in (("a", 0.9), ("b", 0.8)):
+        late.apply(_point(v), t, at(4), 10.0)
+    assert late.apply(_point(0.7), "c", at(3), 10.0).stop is False  # rung 1, late: alone there
+    got = late.apply(_point(0.7), "c", at(5), 10.0)
+    assert got.stop and "at 4 values (5 observed)" in got.reason and len(late.scores[4]) == 3
+    d = _point(0.1)
+    assert late.apply(d, "c", at(7), 10.0) is d  # judged at this rung already
+    assert late.apply(d, "a", at(4), 10.0).stop  # at the rung itself: judged again
 
 
 def test_expected_gain_of_a_gaussian_and_its_mirror() -> None:

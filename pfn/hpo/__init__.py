@@ -172,7 +172,7 @@ def check_startup(n: int | None, budget_rule: str | None) -> int:
     """``n_startup_trials``, resolved: ``None`` means 2 (the first completed trials give the
     incumbent and the calibration its first data), or 0 with ``budget_rule="rungs"`` (``None``
     when there is no budget): the rung comparison needs neither, and in the replay two
-    protected trials cost it up to 1.6x of speed-up (docs/early-stopping.md)."""
+    protected trials cost it up to 2x of speed-up (docs/early-stopping.md)."""
     if n is None:
         return 0 if budget_rule == "rungs" else 2
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
