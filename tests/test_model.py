@@ -204,3 +204,22 @@ def test_default_model_loads_and_verifies():
     assert len(p.sha256) == 64
     post = p.predict([Curve([1, 2, 3, 4, 5], [0.2, 0.35, 0.45, 0.5, 0.55], 50, bounds=(0, 1))])[0]
     assert np.isfinite(post.mean).all() and 0 < float(post.mean[0]) < 1.2
+
+
+def test_values_far_beyond_the_bounds_are_clipped(pred: Predictor) -> None:
+    """A diverged loss (400 against bounds (0, 0.767)) reaches the model clipped to the bar's
+    inner range, i.e. as bad as the bound itself: the same answer as that value, a final-value
+    prediction in the bounds' range, and nothing changes for values inside the range."""
+    lo, hi = pred.y_range
+    assert lo < 0.0 < 1.0 < hi
+
+    def final_median(last: float) -> float:
+        c = Curve([1, 2, 3, 4], [0.76, 0.74, 0.73, last], 50, direction="min",
+                  bounds=(0.0, 0.767))
+        return float(pred.predict([c])[0].quantile(np.array([[0.5]]))[0, 0])
+
+    edge = 0.767 - lo * 0.767  # the raw loss at the clip edge (y_n = lo)
+    assert final_median(400.0) == pytest.approx(final_median(edge), abs=1e-6)
+    assert final_median(1e6) == pytest.approx(final_median(edge), abs=1e-6)
+    assert 0.0 < final_median(400.0) < 1.0
+    assert final_median(0.72) != pytest.approx(final_median(edge), abs=1e-3)
