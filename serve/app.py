@@ -331,9 +331,11 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         Concurrent requests are coalesced into one forward pass (dynamic micro-batching)."""
         arrived(request)
         require_ready()
-        # shed load before any per-request work when the queue is full
-        batcher.check_room(sum(1 if c.query_epochs is None else len(c.query_epochs)
-                               for c in req.curves))
+        # shed load before any per-request work when the queue is full; a request over the
+        # per-request limit gets its 4xx from make_job instead (retrying could never help)
+        rows = sum(1 if c.query_epochs is None else len(c.query_epochs) for c in req.curves)
+        if rows <= service.settings.max_rows_per_request:
+            batcher.check_room(rows)
         curves, specs = to_curves(req.curves, req.quantiles)
         job = service.make_job(curves, specs)
         result = await batcher.submit("predict", job, job.rows)

@@ -129,7 +129,8 @@ def test_real_tune_run(pred: Predictor, tmp_path: Path) -> None:
         for i in range(1, horizon + 1):
             t.report({"acc": config["top"] * (1 - math.exp(-i / 2))})
 
-    sched = CurvecastScheduler(HORIZON, pred, metric="acc", mode="max", rule=RULE, bounds=(0, 1))
+    sched = CurvecastScheduler(HORIZON, pred, metric="acc", mode="max", rule=RULE, bounds=(0, 1),
+                               n_startup_trials=1)  # the grid's first trial gives the incumbent
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         tuner = tune.Tuner(

@@ -282,6 +282,20 @@ def test_queue_full_gives_503_with_retry_after_and_recovers(server):
         assert "curvecast_rejected_total" in c.get("/metrics").text
 
 
+def test_oversized_request_is_a_user_error_even_when_the_queue_is_busy(server):
+    """A request over the per-request row limit (500 here, queue 600) can never be served, so
+    it gets the 4xx naming the field and the limit, not a 503 asking to retry (found by the
+    thorough OpenAPI fuzz: 9,999 query epochs drew QueueFull)."""
+    big = {"curves": [{"epochs": [1, 2], "values": [0.2, 0.3], "horizon": 2000,
+                       "query_epochs": list(range(3, 703))}]}  # 700 rows > the queue's 600
+    with httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as c:
+        r = c.post("/v1/predict", json=big)
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["type"] == "CurveError" and "700 query rows" in err["message"]
+    assert "limit of 500 per request" in err["message"] and "split the request" in err["message"]
+
+
 def test_api_key_is_required_when_set(server):
     with httpx.Client(base_url=server.url, timeout=30) as c:
         body = {"curves": [CURVE]}
