@@ -730,8 +730,9 @@ class RungPolicy(Policy):
         r.ctx["own"] = max(r.ctx["own"], float(task.s[i, k - 1]))
 
     def decide(self, rs: list[Replay], task: Task) -> list[bool]:
-        need = [r for r in rs if r.k >= self.min_epochs or is_rung(r.k, self.eta, self.first)]
-        self.cache.compute([(r.trial(), r.k) for r in need if r.trials_started > self.startup])
+        need = [r for r in rs if r.trials_started > self.startup
+                and (r.k >= self.min_epochs or is_rung(r.k, self.eta, self.first))]
+        self.cache.compute([(r.trial(), r.k) for r in need])
         self.cache.stats.answered += len(need)
         sign = 1.0 if task.direction == "max" else -1.0
         out = []

@@ -426,6 +426,11 @@ class BudgetAware:
     def keep_levels(self) -> tuple[float, ...]:
         return OPPORTUNITY_LEVELS if self.rule == "opportunity" else (0.5,)
 
+    @property
+    def needs_incumbent(self) -> bool:
+        """Whether a decision needs an incumbent (the rung comparison does not)."""
+        return self.rule != "rungs"
+
     def apply(self, d: Decision, trial: str, curve: Curve, incumbent: float | None,
               pressure: float, ended: Sequence[str], min_epochs: int = 2) -> Decision:
         if self.rule == "rungs":

@@ -118,7 +118,6 @@ class CurvecastPruner(BasePruner):
         self.budgeted = None if budget is None else BudgetAware(budget, budget_rule)
         self.decider = Decider(backend, rule, quantiles, calibrate,
                                keep_levels=self.budgeted.keep_levels if self.budgeted else ())
-        self.budget = budget
         self._calibrated: set[int] = set()  # completed trials the calibrator has seen
 
     def _incumbent(self, study: optuna.study.Study, trial: FrozenTrial,
@@ -163,6 +162,11 @@ class CurvecastPruner(BasePruner):
             if c is not None:
                 self.decider.add_completed(c)
 
+    @property
+    def budget(self) -> Budget | None:
+        """The study's plan (``budget=``), None without one."""
+        return None if self.budgeted is None else self.budgeted.budget
+
     def pressure(self, study: optuna.study.Study) -> float:
         """``budget_pressure`` of the study: its trials so far, the steps they reported, and
         the trials that ended (completed, pruned or failed). Needs ``budget``."""
@@ -195,8 +199,8 @@ class CurvecastPruner(BasePruner):
         direction: Literal["max", "min"] = (
             "max" if study.direction == StudyDirection.MAXIMIZE else "min")
         started, inc = self._incumbent(study, trial, direction)
-        ranks = self.budgeted is not None and self.budgeted.rule == "rungs"
-        if not started or (inc is None and not ranks):  # the rungs need no incumbent
+        if not started or (inc is None and (self.budgeted is None
+                                            or self.budgeted.needs_incumbent)):
             return False
         curve = self._curve(trial, direction)
         if curve is None:

@@ -120,7 +120,6 @@ class CurvecastScheduler(FIFOScheduler):
         self.budgeted = None if budget is None else BudgetAware(budget, budget_rule)
         self.decider = Decider(backend, rule, quantiles, calibrate,
                                keep_levels=self.budgeted.keep_levels if self.budgeted else ())
-        self.budget = budget
         self.ended: set[str] = set()  # trials that completed, were stopped or failed
         self.histories: dict[str, list[list[float]]] = {}  # trial id -> [[time, value], ...]
         self.finals: dict[str, float] = {}  # trials that completed without being stopped
@@ -216,6 +215,11 @@ class CurvecastScheduler(FIFOScheduler):
                      horizon=self.horizon, direction=self.direction,  # type: ignore[arg-type]
                      bounds=self.bounds)
 
+    @property
+    def budget(self) -> Budget | None:
+        """The study's plan (``budget=``), None without one."""
+        return None if self.budgeted is None else self.budgeted.budget
+
     def pressure(self) -> float:
         """``budget_pressure`` of the experiment: the trials seen so far, the results they
         reported, and the trials that ended. Needs ``budget``."""
@@ -229,8 +233,8 @@ class CurvecastScheduler(FIFOScheduler):
         if not self._record(tid, result):
             return TrialScheduler.CONTINUE
         started, inc = self._incumbent(tid)
-        ranks = self.budgeted is not None and self.budgeted.rule == "rungs"
-        if not started or (inc is None and not ranks):  # the rungs need no incumbent
+        if not started or (inc is None and (self.budgeted is None
+                                            or self.budgeted.needs_incumbent)):
             return TrialScheduler.CONTINUE
         curve = self._curve(self.histories[tid])
         if curve is None:
@@ -296,7 +300,6 @@ class CurvecastScheduler(FIFOScheduler):
         self.ended = set(state.get("ended", [*self.finals, *self.stopped]))
         if state.get("budget_rule"):  # the plan and the budget rule, as saved
             self.budgeted = BudgetAware.from_state_dict(state["budget_rule"])
-            self.budget = self.budgeted.budget
             self.decider.keep_levels = self.budgeted.keep_levels
         elif self.budgeted is not None and "opportunity" in state:  # saved before the rungs
             self.budgeted.opportunity = Opportunity.from_state_dict(state["opportunity"])
