@@ -179,11 +179,16 @@ def gate_by_budget(d: Decision, pressure: float, curve: Curve) -> Decision:
     most of the budget unused."""
     if not d.stop or pressure >= 1.0:
         return d
+    return _kept(d, curve, f"the budget reaches every untried trial (pressure {pressure:.2f} "
+                           "< 1)")
+
+
+def _kept(d: Decision, curve: Curve, why: str) -> Decision:
+    """The rule's stop ``d`` overruled for ``why``: the trial runs on to its horizon."""
     o = _observed(curve)
     remaining = 0.0 if o is None else max(float(curve.horizon) - o[0], 0.0)
     return replace(d, stop=False, expected_remaining_epochs=remaining,
-                   reason=f"the rule would stop ({d.reason}), but the budget reaches every "
-                          f"untried trial (pressure {pressure:.2f} < 1): keep running")
+                   reason=f"the rule would stop ({d.reason}), but {why}: keep running")
 
 
 def _stopped(d: Decision, reason: str) -> Decision:
@@ -435,11 +440,7 @@ class BudgetAware:
               pressure: float, ended: Sequence[str], min_epochs: int = 2) -> Decision:
         if self.rule == "rungs":
             if d.stop:
-                o = _observed(curve)
-                left = 0.0 if o is None else max(float(curve.horizon) - o[0], 0.0)
-                d = replace(d, stop=False, expected_remaining_epochs=left,
-                            reason=f"the rule would stop ({d.reason}), but with a budget "
-                                   "trials are compared with each other at rungs: keep running")
+                d = _kept(d, curve, "with a budget trials are compared with each other at rungs")
             return self.rungs.apply(d, trial, curve, pressure)
         self.opportunity.record(trial, curve, d)
         d = gate_by_budget(d, pressure, curve)
