@@ -106,7 +106,8 @@ DEFAULT_DELTAS = (0.01, 0.05, 0.1)
 PATIENCES = (0, 1, 5, 10, 20, 50)
 OPTUNA_PRUNERS = ("median", "successive_halving", "hyperband")
 POLICY_FAMILIES = ("curvecast", "calibrated", "margin", "gain", "opportunity", "budget",
-                   "rungs", "patience", "optuna")
+                   "rungs", "rungsq", "patience", "optuna")
+MODEL_FAMILIES = frozenset(POLICY_FAMILIES) - {"patience", "optuna"}  # those that ask the model
 MARGINS = (0.005, 0.01, 0.02)  # min_delta of the "margin" family, in regret units
 GAINS = (0.01, 0.03)  # expected final-value gain worth a full run, in regret units
 # (score, eta, first rung, OR'ed with the paper's rule, protected first trials)
@@ -697,17 +698,17 @@ class CalibratedBudgetPolicy(BudgetPolicy):
 
 class RungPolicy(Policy):
     """Budget-aware stopping with ``budget_rule="rungs"``, as the integrations do it
-    (``pfn.early_stop.Rungs`` itself, one per ordering, fed the replay's pressure): at rungs
-    of ``first`` x ``eta``^m points a trial is ranked by its ``score`` among every trial of the
-    ordering that reached the same rung, and stopped unless it is in the top share
-    ``max(1/eta, 1/pressure)``; nothing while the pressure is below 1. ``score``:
-    ``"median"`` of the model's prediction of the final value (the API's), or ``"value"``
-    (the best value so far: successive halving's own ranking, the ablation without the
-    model's extrapolation). ``j``: also OR'ed with the all-epochs rule at that delta index
-    from ``min_epochs`` points on (the API does not: ``BudgetAware`` ignores the rule's
-    verdict with rungs). ``startup``: the first trials of an ordering run to their end and
-    join no rung (the integrations' ``n_startup_trials``: no decision before that many trials
-    completed)."""
+    (``pfn.early_stop.Rungs`` itself, one per ordering, fed the replay's pressure): at rungs of
+    ``first`` x ``eta``^m points a trial is ranked by its ``score`` among every trial of the
+    ordering that reached the same rung, and stopped unless it is in the top share ``max(1/eta,
+    1/pressure)``; nothing while the pressure is below 1. ``score``: ``"median"`` of the model's
+    prediction of the final value (the API's), or ``"value"`` (the best value so far: successive
+    halving's own ranking, the ablation without the model's extrapolation) or
+    ``"q75"``/``"q90"`` (an upper quantile of the predicted final: the optimistic ablation,
+    family ``rungsq``). ``j``: also OR'ed with the all-epochs rule at that delta index from
+    ``min_epochs`` points on (the API does not: ``BudgetAware`` ignores the rule's verdict with
+    rungs). ``startup``: the first trials of an ordering run to their end and join no rung (the
+    integrations' ``n_startup_trials``: no decision before that many trials completed)."""
 
     def __init__(self, cache: ThresholdCache, j: int | None, score: str = "median",
                  eta: int = RUNG_ETA, first: int = 1, min_epochs: int = 2,
@@ -749,6 +750,10 @@ class RungPolicy(Policy):
                 out.append(False)
                 continue
             v = r.ctx["own"] if self.score == "value" else self.cache.final[(i, k)][1]
+            if self.score.startswith("q"):  # an upper quantile of the final: optimism
+                tail = 1.0 - int(self.score[1:]) / 100.0
+                gq = self.cache.final[(i, k)][0]
+                v = float(np.interp(math.log(tail), np.log(TAIL_GRID)[::-1], gq[::-1]))
             d = Decision(stop=False, prob_improve=math.nan, prob_improve_final=math.nan,
                          final_mean=sign * v, final_quantiles={0.5: sign * v}, reason="",
                          expected_remaining_epochs=0.0)
@@ -863,8 +868,7 @@ def run_task(task: Task, predictor: Predictor | None, policies: Sequence[str],
     orders = np.stack([rng.permutation(task.n) for _ in range(orderings)])
     stats = InferenceStats()
     todo: list[Policy] = [Policy()]
-    if predictor is not None and {"curvecast", "calibrated", "margin", "gain",
-                                  "opportunity", "budget", "rungs"} & set(policies):
+    if predictor is not None and MODEL_FAMILIES & set(policies):
         cache = ThresholdCache(predictor, task, deltas, max_checked, stats)
         if "curvecast" in policies:
             todo += [CurvecastPolicy(cache, j) for j in range(len(deltas))]
@@ -884,6 +888,8 @@ def run_task(task: Task, predictor: Predictor | None, policies: Sequence[str],
             todo += [RungPolicy(cache, j if paper else None, score=sc, eta=e, first=f,
                                 startup=st)
                      for j in range(len(deltas)) for sc, e, f, paper, st in RUNG_VARIANTS]
+        if "rungsq" in policies:
+            todo += [RungPolicy(cache, None, score=sc, eta=4) for sc in ("q75", "q90")]
         if "calibrated" in policies:
             todo += [CalibratedPolicy(cache, j, startup=st, prior_weight=w, two_sided=x)
                      for st, w, x in CALIBRATED_VARIANTS for j in range(len(deltas))]
@@ -1017,9 +1023,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        a.min_trials, a.filter_flat)
     if a.max_tasks:
         tasks = tasks[: a.max_tasks]
-    uses_model = {"curvecast", "calibrated", "margin", "gain", "opportunity",
-                  "budget", "rungs"} & set(policies)
-    predictor = Predictor.load(a.model) if uses_model else None
+    predictor = Predictor.load(a.model) if MODEL_FAMILIES & set(policies) else None
     rows: list[dict[str, Any]] = []
     total = InferenceStats()
     t_all = time.perf_counter()
