@@ -81,17 +81,11 @@ def lcpfn_model(layers: int) -> Callable[[int], Callable[[], object]]:
     return make
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--batches", default="1,256,1024")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    batches = [int(b) for b in a.batches.split(",")]
-    pred = Predictor.load()
-    model = pred.model
-    rows: dict[str, Callable[[int], Callable[[], object]]] = {}
+def curvecast_rows(name: str, threads: int) -> dict[str, Callable[[int], Callable[[], object]]]:
+    """Benchmark rows for one curvecast model: torch, and onnxruntime when installed."""
+    model = Predictor.load(name).model
+    cfg = model.cfg
+    tag = f"curvecast {Path(name).name} ({cfg.n_layers}x{cfg.d_model})"
 
     def torch_make(b: int) -> Callable[[], object]:
         inp = curvecast_inputs(b)
@@ -102,22 +96,38 @@ def main() -> None:
 
         return run
 
-    cfg = model.cfg
-    rows[f"curvecast default ({cfg.n_layers}x{cfg.d_model}), torch"] = torch_make
+    rows = {f"{tag}, torch": torch_make}
     try:
         from serve.export import export_onnx
         from serve.runtime import OnnxRuntime
 
         path = export_onnx(model, Path(tempfile.mkdtemp()) / "m.onnx")
-        ort_rt = OnnxRuntime(path, threads=a.threads)
+        ort_rt = OnnxRuntime(path, threads=threads)
 
         def ort_make(b: int) -> Callable[[], object]:
             inp = [x.numpy() for x in curvecast_inputs(b)]
             return lambda: ort_rt.run_numpy(*inp)
 
-        rows[f"curvecast default ({cfg.n_layers}x{cfg.d_model}), onnxruntime"] = ort_make
+        rows[f"{tag}, onnxruntime"] = ort_make
     except ImportError as e:
         print(f"(onnxruntime row skipped: {e})")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--batches", default="1,256,1024")
+    ap.add_argument("--model", action="append",
+                    help="a shipped model name or a model directory (repeat to compare several "
+                         "in one run; default: the default model)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    batches = [int(b) for b in a.batches.split(",")]
+    rows: dict[str, Callable[[int], Callable[[], object]]] = {}
+    for name in a.model or ["default"]:
+        rows.update(curvecast_rows(name, a.threads))
     try:
         rows["lcpfn 6x512 (random weights), torch"] = lcpfn_model(6)
         rows["lcpfn 12x512 (random weights), torch"] = lcpfn_model(12)
