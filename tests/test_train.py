@@ -162,11 +162,14 @@ def test_resume_rejects_other_config(tmp_path):
         Trainer(apply_overrides(cfg, {"lr": 0.5})).run(progress=False)
 
 
-def test_ddp_two_gloo_processes(tmp_path):
+@pytest.mark.parametrize("max_queries", [0, 4])
+def test_ddp_two_gloo_processes(tmp_path, max_queries):
+    """Two ranks train one model; with max_queries the micro-batches sync on the last one."""
     out = tmp_path / "ddp"
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
             "--standalone", "-m", "train",
-            *_args({**TINY, "n_curves": 8 * 4, "ckpt_every": 2, "out_dir": out, "device": "cpu"}),
+            *_args({**TINY, "n_curves": 8 * 4, "ckpt_every": 2, "out_dir": out, "device": "cpu",
+                    "max_queries": max_queries, "query_groups": 2}),
             "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
@@ -205,3 +208,85 @@ def test_sigterm_checkpoints_the_step_reached_and_n_curves_retargets(tmp_path):
     last = json.loads(metrics.read_text().splitlines()[-1])
     cfg = apply_overrides(TrainConfig(), {**TINY, "n_curves": 8 * end})
     assert last["step"] == end and last["lr"] == pytest.approx(lr_at(cfg, end - 1))
+
+
+def _tiny_model_and_batch(n: int = 12):
+    from pfn.bar import borders_from_samples
+    from pfn.model import PFN, PFNConfig
+    from prior import get_prior
+    from train.loop import training_batch
+
+    g = torch.Generator().manual_seed(3)
+    prior = get_prior("lcpfn")
+    cfg = PFNConfig(n_layers=1, d_model=16, n_heads=2, d_ff=32, n_buckets=20, encoder_hidden=8)
+    torch.manual_seed(0)
+    model = PFN(cfg, borders_from_samples(prior.sample(200, g).y.flatten(), 20)).train()
+    return model, training_batch(prior, n, g, 1), g
+
+
+@pytest.mark.parametrize("groups", [1, 5, 40])
+def test_all_queries_kept_equals_the_full_batch_loss_and_gradient(groups):
+    """max_queries >= every curve's query count keeps every token: the micro-batches (sorted,
+    regrouped, padded, tokens reordered within a row) give the full layout's loss and
+    gradients, which checks the layout, the masks and the weights."""
+    from train.loop import loss_fn, query_microbatches, subsampled_loss
+
+    model, (t, y, is_ctx), g = _tiny_model_and_batch()
+    amp = torch.autocast("cpu", enabled=False)
+    full = loss_fn(model, model, t, y, is_ctx, amp)
+    full.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    mbs = query_microbatches(t, y, is_ctx, 100, groups, g)
+    assert len(mbs) == min(groups, len(t))
+    assert sum(int(mb.select.sum()) for mb in mbs) == int((~is_ctx).sum())
+    got = sum(subsampled_loss(model, model, mb, amp, float((~is_ctx).sum())) for mb in mbs)
+    got.backward()
+    assert torch.allclose(got, full, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, want[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_subsampled_queries_are_an_unbiased_estimate_of_the_loss():
+    """With 3 queries kept per curve (of up to 99), the reweighted loss averages to the
+    all-queries loss over many draws, fewer tokens go through the model, and the kept
+    queries are later epochs of their own curve."""
+    from train.loop import loss_fn, query_microbatches, subsampled_loss
+
+    model, (t, y, is_ctx), g = _tiny_model_and_batch()
+    model.eval()
+    amp = torch.autocast("cpu", enabled=False)
+    total = float((~is_ctx).sum())
+    with torch.no_grad():
+        full = float(loss_fn(model, model, t, y, is_ctx, amp))
+        draws = []
+        for _ in range(400):
+            mbs = query_microbatches(t, y, is_ctx, 3, 4, g)
+            draws.append(float(sum(subsampled_loss(model, model, mb, amp, total)
+                                   for mb in mbs)))
+    d = torch.tensor(draws)
+    se = float(d.std()) / len(draws) ** 0.5
+    assert abs(float(d.mean()) - full) < 4 * se + 1e-6, (float(d.mean()), full, se)
+    assert float(d.std()) > 0  # a real subsample, not the full batch
+    for mb in mbs:
+        assert int(mb.select.sum(1).max()) <= 3
+        n_ctx = mb.is_ctx.sum(1, keepdim=True)
+        ctx_t = torch.where(mb.is_ctx, mb.t, torch.zeros_like(mb.t)).amax(1, keepdim=True)
+        assert bool((mb.t[mb.select] > ctx_t.expand_as(mb.t)[mb.select]).all())
+        assert bool((n_ctx >= 1).all())
+    assert sum(mb.t.numel() for mb in mbs) < t.numel()
+
+
+def test_training_with_subsampled_queries_runs_and_resumes_with_them_switched(tmp_path):
+    """A run with max_queries trains (fewer tokens per step); max_queries may change on
+    resume (it changes the estimate, not the loss)."""
+    opts = {**TINY, "n_curves": 8 * 4, "out_dir": str(tmp_path), "max_queries": 4,
+            "query_groups": 2}
+    cfg = apply_overrides(TrainConfig(), opts)
+    last = Trainer(cfg).run(max_steps=2, progress=False)
+    assert last["tokens_per_s"] / last["curves_per_s"] < 100  # tokens per curve
+    last = Trainer(apply_overrides(cfg, {"max_queries": 0})).run(progress=False)
+    assert last["step"] == 4
+    assert last["tokens_per_s"] / last["curves_per_s"] == pytest.approx(100)
+    with pytest.raises(ValueError, match="query_groups"):
+        apply_overrides(TrainConfig(), {"query_groups": 0})

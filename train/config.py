@@ -36,6 +36,9 @@ class TrainConfig:
     # ~20x slower on this AVX2-only machine)
     compile: bool = False  # torch.compile the transformer body
     min_cutoff: int = 1  # smallest number of observed epochs drawn per curve
+    max_queries: int = 0  # query tokens kept per curve, drawn from its later epochs (0: all);
+    # the loss is reweighted to stay an unbiased estimate of the all-queries loss
+    query_groups: int = 8  # with max_queries: length-sorted micro-batches per step (less padding)
     border_curves: int = 10_000  # prior curves whose noisy values set the bucket borders
     seed: int = 0  # seeds borders, initialisation and every rank's prior stream
     init_from: str = ""  # run directory (its checkpoint's EMA weights), model directory or
@@ -59,6 +62,8 @@ class TrainConfig:
             "grad_clip": self.grad_clip > 0,
             "ema_decay": 0 <= self.ema_decay < 1,
             "min_cutoff": self.min_cutoff >= 0,
+            "max_queries": self.max_queries >= 0,
+            "query_groups": self.query_groups >= 1,
             "ckpt_every": self.ckpt_every >= 1,
             "log_every": self.log_every >= 1,
             "device": self.device in ("auto", "cpu", "cuda"),
