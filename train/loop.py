@@ -47,8 +47,8 @@ EVAL_CUTOFFS = (10, 20, 40, 80)
 # config keys that may change between a run and its resumption (they don't change the maths)
 # (ema_decay only changes the averaged copy that is exported, not the optimised weights;
 # n_curves re-targets the learning-rate schedule from the step reached: a run can be shortened
-# or extended, and the change is logged)
-# max_queries and query_groups change how the loss is estimated, not what it is)
+# or extended, and the change is logged; max_queries and query_groups change how the loss is
+# estimated, not what it is)
 OPERATIONAL_KEYS = frozenset({"threads", "device", "ckpt_every", "log_every", "eval_every",
                               "eval_curves", "compile", "out_dir", "ema_decay", "n_curves",
                               "max_queries", "query_groups"})
