@@ -39,8 +39,9 @@ def run(cfg: TrainConfig, steps: int, query_head: bool) -> tuple[float, float]:
         n_tok = t.numel()
         if cfg.max_queries:
             mbs = query_microbatches(t, y, is_ctx, cfg.max_queries, cfg.query_groups, g)
+            total = float((~is_ctx).sum())
             for mb in mbs:
-                subsampled_loss(model, fwd, mb, amp, float((~is_ctx).sum())).backward()
+                subsampled_loss(model, fwd, mb, amp, total).backward()
             n_tok = sum(mb.t.numel() for mb in mbs)
         else:
             with amp:  # the baseline runs the head on every token; the loss is on queries
