@@ -106,8 +106,10 @@ DEFAULT_DELTAS = (0.01, 0.05, 0.1)
 PATIENCES = (0, 1, 5, 10, 20, 50)
 OPTUNA_PRUNERS = ("median", "successive_halving", "hyperband")
 POLICY_FAMILIES = ("curvecast", "calibrated", "margin", "gain", "opportunity", "budget",
-                   "rungs", "rungsq", "patience", "optuna")
-MODEL_FAMILIES = frozenset(POLICY_FAMILIES) - {"patience", "optuna"}  # those that ask the model
+                   "rungs", "rungsq", "rungsb", "oracle", "patience", "optuna")
+# those that ask the model
+MODEL_FAMILIES = frozenset(POLICY_FAMILIES) - {"oracle", "patience", "optuna"}
+ORACLE_ETAS = (4, 16)  # the "oracle" family: the rung rule ranking by the trial's true best value
 MARGINS = (0.005, 0.01, 0.02)  # min_delta of the "margin" family, in regret units
 GAINS = (0.01, 0.03)  # expected final-value gain worth a full run, in regret units
 # (score, eta, first rung, OR'ed with the paper's rule, protected first trials)
@@ -696,6 +698,23 @@ class CalibratedBudgetPolicy(BudgetPolicy):
         return r.trials_started <= self.startup
 
 
+BLEND_MIN = 5  # completed trials with a score at a rung before the blend leaves the model's
+
+
+def blend_weight(done: Sequence[tuple[float, float, float]]) -> float:
+    """w in [0, 1] of the score o + w (p - o): least squares of final - o on p - o over the
+    completed trials (p the predicted final median at the rung, o the value so far); 1 (the
+    model's prediction) until BLEND_MIN trials completed."""
+    if len(done) < BLEND_MIN:
+        return 1.0
+    a = np.asarray(done)
+    x, y = a[:, 0] - a[:, 1], a[:, 2] - a[:, 1]
+    vx = float(np.var(x))
+    if vx <= 1e-12:
+        return 1.0
+    return float(np.clip(np.mean((x - x.mean()) * (y - y.mean())) / vx, 0.0, 1.0))
+
+
 class RungPolicy(Policy):
     """Budget-aware stopping with ``budget_rule="rungs"``, as the integrations do it
     (``pfn.early_stop.Rungs`` itself, one per ordering, fed the replay's pressure): at rungs of
@@ -705,12 +724,17 @@ class RungPolicy(Policy):
     prediction of the final value (the API's), or ``"value"`` (the best value so far: successive
     halving's own ranking, the ablation without the model's extrapolation) or
     ``"q75"``/``"q90"`` (an upper quantile of the predicted final: the optimistic ablation,
-    family ``rungsq``). ``j``: also OR'ed with the all-epochs rule at that delta index from
-    ``min_epochs`` points on (the API does not: ``BudgetAware`` ignores the rule's verdict with
-    rungs). ``startup``: the first trials of an ordering run to their end and join no rung (the
-    integrations' ``n_startup_trials``: no decision before that many trials completed)."""
+    family ``rungsq``) or ``"blend"`` (``o + w (p - o)`` of the value so far o and the
+    median p, w fitted on the ordering's completed trials by ``blend_weight``: family
+    ``rungsb``) or ``"oracle"`` (the best value the trial will ever reveal, read from the
+    file: the rule with a perfect extrapolation, a diagnostic bound that needs no model,
+    family ``oracle``; ``cache`` may then be None). ``j``: also OR'ed with the all-epochs rule
+    at that delta index from ``min_epochs`` points on (the API does not: ``BudgetAware``
+    ignores the rule's verdict with rungs). ``startup``: the first trials of an ordering run
+    to their end and join no rung (the integrations' ``n_startup_trials``: no decision before
+    that many trials completed)."""
 
-    def __init__(self, cache: ThresholdCache, j: int | None, score: str = "median",
+    def __init__(self, cache: ThresholdCache | None, j: int | None, score: str = "median",
                  eta: int = RUNG_ETA, first: int = 1, min_epochs: int = 2,
                  startup: int = 0) -> None:
         self.cache = cache
@@ -721,20 +745,35 @@ class RungPolicy(Policy):
         self.first = first
         self.min_epochs = min_epochs
         tag = (f"s{startup}-" if startup else "") + f"rung{score}{eta}f{first}"
-        self.name = f"curvecast-{tag}" if j is None else f"curvecast-d{cache.deltas[j]:g}-{tag}"
+        if score == "oracle":
+            self.name = f"oracle-rung{eta}"
+        elif cache is None:
+            raise ValueError(f"score {score!r} asks the model: a ThresholdCache is needed")
+        else:
+            self.name = (f"curvecast-{tag}" if j is None
+                         else f"curvecast-d{cache.deltas[j]:g}-{tag}")
 
     def start(self, r: Replay, task: Task, i: int) -> None:
         r.ctx.setdefault("rungs", Rungs(self.eta, self.first))
         r.ctx["own"] = -math.inf
+        r.ctx["cur"] = {}  # rung -> (predicted final median, value so far) of this trial
+
+    def end(self, r: Replay, task: Task, i: int, completed: bool) -> None:
+        if completed:  # what its rungs' scores said, against where it ended
+            final = float(task.s[i, task.lengths[i] - 1])
+            for k, (p, o) in r.ctx["cur"].items():
+                r.ctx.setdefault("done", {}).setdefault(k, []).append((p, o, final))
 
     def observe(self, r: Replay, task: Task, i: int, k: int) -> None:
         r.ctx["own"] = max(r.ctx["own"], float(task.s[i, k - 1]))
 
     def decide(self, rs: list[Replay], task: Task) -> list[bool]:
         need = [r for r in rs if r.trials_started > self.startup
-                and (r.k >= self.min_epochs or is_rung(r.k, self.eta, self.first))]
-        self.cache.compute([(r.trial(), r.k) for r in need])
-        self.cache.stats.answered += len(need)
+                and ((self.j is not None and r.k >= self.min_epochs)
+                     or is_rung(r.k, self.eta, self.first))]
+        if self.cache is not None and self.score != "oracle":
+            self.cache.compute([(r.trial(), r.k) for r in need])
+            self.cache.stats.answered += len(need)
         sign = 1.0 if task.direction == "max" else -1.0
         out = []
         for r in rs:
@@ -742,14 +781,25 @@ class RungPolicy(Policy):
             if r.trials_started <= self.startup:
                 out.append(False)
                 continue
-            if self.j is not None and k >= self.min_epochs and replay_pressure(r) >= 1.0 \
-                    and r.best_s >= self.cache.get(i, k)[self.j]:
+            if self.j is not None and self.cache is not None and k >= self.min_epochs \
+                    and replay_pressure(r) >= 1.0 and r.best_s >= self.cache.get(i, k)[self.j]:
                 out.append(True)
                 continue
             if not is_rung(k, self.eta, self.first):
                 out.append(False)
                 continue
-            v = r.ctx["own"] if self.score == "value" else self.cache.final[(i, k)][1]
+            if self.score == "value":
+                v = r.ctx["own"]
+            elif self.score == "blend":
+                assert self.cache is not None
+                p, o = self.cache.final[(i, k)][1], r.ctx["own"]
+                r.ctx["cur"][k] = (p, o)
+                v = o + blend_weight(r.ctx.get("done", {}).get(k, [])) * (p - o)
+            elif self.score == "oracle":
+                v = float(np.nanmax(task.s[i]))
+            else:
+                assert self.cache is not None
+                v = self.cache.final[(i, k)][1]
             if self.score.startswith("q"):  # an upper quantile of the final: optimism
                 tail = 1.0 - int(self.score[1:]) / 100.0
                 gq = self.cache.final[(i, k)][0]
@@ -888,11 +938,15 @@ def run_task(task: Task, predictor: Predictor | None, policies: Sequence[str],
             todo += [RungPolicy(cache, j if paper else None, score=sc, eta=e, first=f,
                                 startup=st)
                      for j in range(len(deltas)) for sc, e, f, paper, st in RUNG_VARIANTS]
+        if "rungsb" in policies:
+            todo += [RungPolicy(cache, None, score="blend", eta=4)]
         if "rungsq" in policies:
             todo += [RungPolicy(cache, None, score=sc, eta=4) for sc in ("q75", "q90")]
         if "calibrated" in policies:
             todo += [CalibratedPolicy(cache, j, startup=st, prior_weight=w, two_sided=x)
                      for st, w, x in CALIBRATED_VARIANTS for j in range(len(deltas))]
+    if "oracle" in policies:
+        todo += [RungPolicy(None, None, score="oracle", eta=e) for e in ORACLE_ETAS]
     if "patience" in policies:
         todo += [Patience(k) for k in PATIENCES]
     if "optuna" in policies:

@@ -314,3 +314,48 @@ def test_rung_policy_stops_only_at_rungs_and_never_the_leader(es, pred: Predicto
             for k, pop in sc.items():
                 for i, v in pop.items():
                     assert v == pytest.approx(float(np.max(task.s[int(i), :k])))
+
+
+def test_oracle_rung_policy_needs_no_model_and_keeps_the_best_trial(es, tmp_path: Path,
+                                                                     ) -> None:  # type: ignore[no-untyped-def]
+    """The diagnostic bound (family "oracle"): the rung rule ranking by the best value a trial
+    will ever reveal. It asks no model, scores every trial by that value, and never stops the
+    best trial of the task, so an ordering that reaches it within the budget ends at 0 regret."""
+    f = write(tmp_path / "o.npz", synthetic(n=60, T=12, seed=7, ragged=False))
+    task = es.load_tasks(f, min_trials=1)[0]
+    with pytest.raises(ValueError, match="ThresholdCache"):
+        es.RungPolicy(None, None, score="median")
+    pol = es.RungPolicy(None, None, score="oracle")
+    assert pol.name == "oracle-rung4"
+    orders = np.stack([np.random.default_rng(s).permutation(task.n) for s in range(3)])
+    reps = es.run_policy(task, orders, pol)
+    best = int(np.argmax(np.nanmax(task.s, 1)))
+    for r in reps:
+        for pop in r.ctx["rungs"].scores.values():
+            for i, v in pop.items():
+                assert v == pytest.approx(float(np.nanmax(task.s[int(i)])))
+        ran = dict(r.runs)
+        if best in ran:
+            assert ran[best] == task.lengths[best] or r.runs[-1][0] == best  # budget's end
+    reached = [r for r in reps if best in dict(r.runs[:-1])]
+    assert reached, "no ordering reached the best trial before its budget ran out"
+    rows = es.summarize(task, {"none": es.run_policy(task, orders, es.Policy()),
+                               pol.name: reps}, None)
+    got = {row["policy"]: row for row in rows}
+    assert got[pol.name]["regret"] <= got["none"]["regret"]
+
+
+def test_blend_weight_is_the_model_until_enough_trials_then_least_squares(es) -> None:  # type: ignore[no-untyped-def]
+    """The "rungsb" ablation's weight: 1 (the model's score) with fewer than BLEND_MIN
+    completed trials; then the least-squares slope of final - o on p - o, clipped to [0, 1]."""
+    rng = np.random.default_rng(3)
+    p, o = rng.uniform(0.2, 0.9, 40), rng.uniform(0.1, 0.8, 40)
+    few = [(a, b, b + 0.3 * (a - b)) for a, b in zip(p, o, strict=True)][: es.BLEND_MIN - 1]
+    assert es.blend_weight(few) == 1.0
+    for w in (0.0, 0.3, 0.8):
+        done = [(a, b, b + w * (a - b) + 0.05) for a, b in zip(p, o, strict=True)]
+        assert es.blend_weight(done) == pytest.approx(w, abs=1e-9)
+    against = [(a, b, b - 2.0 * (a - b)) for a, b in zip(p, o, strict=True)]
+    assert es.blend_weight(against) == 0.0  # the prediction points the wrong way: values only
+    beyond = [(a, b, b + 3.0 * (a - b)) for a, b in zip(p, o, strict=True)]
+    assert es.blend_weight(beyond) == 1.0
