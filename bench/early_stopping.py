@@ -106,7 +106,7 @@ DEFAULT_DELTAS = (0.01, 0.05, 0.1)
 PATIENCES = (0, 1, 5, 10, 20, 50)
 OPTUNA_PRUNERS = ("median", "successive_halving", "hyperband")
 POLICY_FAMILIES = ("curvecast", "calibrated", "margin", "gain", "opportunity", "budget",
-                   "rungs", "rungsq", "rungsb", "oracle", "patience", "optuna")
+                   "rung", "rungs", "rungsq", "rungsb", "oracle", "patience", "optuna")
 # those that ask the model
 MODEL_FAMILIES = frozenset(POLICY_FAMILIES) - {"oracle", "patience", "optuna"}
 ORACLE_ETAS = (4, 16)  # the "oracle" family: the rung rule ranking by the trial's true best value
@@ -938,6 +938,8 @@ def run_task(task: Task, predictor: Predictor | None, policies: Sequence[str],
             todo += [RungPolicy(cache, j if paper else None, score=sc, eta=e, first=f,
                                 startup=st)
                      for j in range(len(deltas)) for sc, e, f, paper, st in RUNG_VARIANTS]
+        if "rung" in policies:  # the integrations' default alone (the first of RUNG_VARIANTS)
+            todo += [RungPolicy(cache, None)]
         if "rungsb" in policies:
             todo += [RungPolicy(cache, None, score="blend", eta=4)]
         if "rungsq" in policies:
