@@ -44,6 +44,12 @@ LOG_TAU_MIN, LOG_TAU_MAX = -1.0, 4.0
 # the sharpening head's outputs are its linear layer's times this gain, so that Adam moves the
 # new, zero-initialised layer several times faster than the body in a warm-started run
 SHARPEN_GAIN = 8.0
+# step inputs (PFNConfig.step_inputs) enter as sign(dy) log(1 + |dy| / DY_UNIT) and
+# log(1 + dt / DT_UNIT): a noise step of 0.003 and a jump of 0.3 both land in O(1)
+DY_UNIT, DT_UNIT = 1e-3, 1e-2
+# the step encoder's output is multiplied by this gain, like the sharpening head's (its last
+# layer starts at zero and must grow while the body is already trained)
+STEP_GAIN = 4.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,8 @@ class PFNConfig:
     encoder_hidden: int = 64  # hidden width of the (t) and (y) input MLPs
     sharpen_head: bool = False  # per-query temperature tau and weight pi on the bar head:
     # p' = (1 - pi) * p + pi * softmax(tau * logits) (see PFN.bucket_logits); off in old weights
+    step_inputs: bool = False  # each context token also sees its step from the previous
+    # context point, (dy, dt), through its own encoder (see PFN.embed); off in old weights
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -131,8 +139,20 @@ class Block(nn.Module):
         return h + self.drop(self.ff2(F.gelu(self.ff1(self.ln2(h)))))
 
 
-def _mlp(hidden: int, out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(1, hidden), nn.GELU(), nn.Linear(hidden, out))
+def _mlp(hidden: int, out: int, inputs: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, out))
+
+
+def context_steps(t: Tensor, y: Tensor, is_ctx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(dy, dt, has) (B, L): each context token's step from the context point just before it
+    in t (found by comparison, so token order does not matter); has is False, and dy = dt = 0,
+    for the first context point, queries and padding."""
+    before = is_ctx[:, None, :] & (t[:, None, :] < t[:, :, None])  # (B, L, L): j before i
+    prev_t, idx = t[:, None, :].expand_as(before).masked_fill(~before, -1.0).max(-1)  # (B, L)
+    has = is_ctx & before.any(-1)
+    dy = torch.where(has, y - y.gather(1, idx), torch.zeros_like(y))
+    dt = torch.where(has, t - prev_t, torch.zeros_like(t))
+    return dy, dt, has
 
 
 class PFN(nn.Module):
@@ -145,6 +165,7 @@ class PFN(nn.Module):
         self.cfg = cfg
         self.t_enc = _mlp(cfg.encoder_hidden, cfg.d_model)
         self.y_enc = _mlp(cfg.encoder_hidden, cfg.d_model)
+        self.step_enc = _mlp(cfg.encoder_hidden, cfg.d_model, 2) if cfg.step_inputs else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.n_buckets)
@@ -155,6 +176,10 @@ class PFN(nn.Module):
         self.apply(self._init)
         if self.sharpen is not None:
             self.reset_sharpen()
+        if self.step_enc is not None:  # starts silent: a warm-started model answers as before
+            last = self.step_enc[-1]
+            assert isinstance(last, nn.Linear)
+            nn.init.zeros_(last.weight)
 
     def reset_sharpen(self) -> None:
         """tau = 1, pi = sigmoid(-2), zero weights: the mixture equals the plain head."""
@@ -170,10 +195,20 @@ class PFN(nn.Module):
             nn.init.zeros_(m.bias)
 
     def embed(self, t: Tensor, y: Tensor, is_ctx: Tensor) -> Tensor:
-        """Token embeddings (B, L, E): enc(t) for every token, + enc(y) for context tokens."""
+        """Token embeddings (B, L, E): enc(t) for every token, + enc(y) for context tokens,
+        + with step inputs, enc(dy, dt) of the step from the previous context point. A step is
+        what the noise level and the local slope are made of; from y alone the model has to
+        pair up tokens by t through attention to see them. Measured (docs/model-card.md, *Step
+        inputs*): +0.023 log-likelihood at cutoff 10 for the same 192k curves of training."""
         y = torch.where(is_ctx, y, torch.zeros_like(y))  # queries and padding carry no value
         ey = self.y_enc(y.unsqueeze(-1)) * is_ctx.unsqueeze(-1).to(t.dtype)
-        return self.t_enc(t.unsqueeze(-1)) + ey  # (B, L, E)
+        h = self.t_enc(t.unsqueeze(-1)) + ey  # (B, L, E)
+        if self.step_enc is None:
+            return h
+        dy, dt, has = context_steps(t, y, is_ctx)
+        x = torch.stack([torch.sign(dy) * torch.log1p(dy.abs() / DY_UNIT),
+                         torch.log1p(dt / DT_UNIT)], -1)  # (B, L, 2)
+        return h + STEP_GAIN * self.step_enc(x) * has.unsqueeze(-1).to(t.dtype)  # (B, L, E)
 
     def set_attention(self, fn: AttentionFn | None) -> None:
         """Route attention through ``fn`` in eval mode (e.g. ``serve.kernels``' fused kernel,

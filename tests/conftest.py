@@ -16,16 +16,21 @@ REAL_CURVES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
                            "real_curves.npz")
 
 
-@pytest.fixture(params=[False, True], ids=["plain", "sharpen"])
+@pytest.fixture(params=[(False, False), (True, False), (True, True)],
+                ids=["plain", "sharpen", "steps"])
 def tiny_model(request: pytest.FixtureRequest) -> PFN:
-    """A small random-weight PFN (seeded) for shape and semantics tests, with and without the
-    sharpening head (given random weights, so that it is not the identity)."""
+    """A small random-weight PFN (seeded) for shape and semantics tests: plain, with the
+    sharpening head, and with the head and the step inputs (their zero-initialised output
+    layers given random weights, so that neither is the identity)."""
     torch.manual_seed(0)
+    sharpen, steps = request.param
     cfg = PFNConfig(n_layers=2, d_model=32, n_heads=4, d_ff=64, n_buckets=50, encoder_hidden=16,
-                    sharpen_head=request.param)
+                    sharpen_head=sharpen, step_inputs=steps)
     model = PFN(cfg, torch.linspace(-0.2, 1.2, 51)).eval()
     if model.sharpen is not None:
         torch.nn.init.normal_(model.sharpen.weight, std=0.1)
+    if model.step_enc is not None:
+        torch.nn.init.normal_(model.step_enc[-1].weight, std=0.3)
     return model
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pfn import Curve, CurveError, Predictor
-from pfn.model import PFN, PFNConfig, pfn_attention_mask
+from pfn.model import PFN, PFNConfig, context_steps, pfn_attention_mask
 
 
 def test_mask_rule():
@@ -68,6 +68,47 @@ def test_rows_only_last_block_equals_full_computation(tiny_model, b, k, q):
                                                       torch.cat([y, torch.zeros(b, q)], 1), is_ctx))
     torch.testing.assert_close(tiny_model.predict(t, y, m, tq), full[:, k:],
                                atol=1e-5, rtol=1e-5)
+
+
+def test_context_steps_follow_epochs_not_token_order():
+    """Each context token's step is from the context point just before it in t, wherever the
+    tokens sit; the first context point, queries and padding get none."""
+    t = torch.tensor([[0.3, 0.1, 0.2, 0.5, 0.4, 0.05]])
+    y = torch.tensor([[3.0, 1.0, 2.0, 9.0, 4.5, 7.0]])
+    is_ctx = torch.tensor([[True, True, True, False, True, False]])
+    dy, dt, has = context_steps(t, y, is_ctx)
+    assert has.tolist() == [[True, False, True, False, True, False]]
+    assert torch.allclose(dy, torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.5, 0.0]]))
+    assert torch.allclose(dt, torch.tensor([[0.1, 0.0, 0.1, 0.0, 0.1, 0.0]]))
+
+
+def test_answers_do_not_depend_on_context_order(tiny_model):
+    """No positional encoding, and the step inputs find the previous point by epoch: shuffling
+    the context tokens changes nothing."""
+    g = torch.Generator().manual_seed(4)
+    t = torch.sort(torch.rand(2, 9, generator=g), 1).values
+    y = torch.rand(2, 9, generator=g)
+    m = torch.ones(2, 9, dtype=torch.bool)
+    q = torch.tensor([[0.7, 1.0], [0.95, 0.5]])
+    perm = torch.tensor([4, 0, 8, 2, 6, 1, 3, 7, 5])
+    ref = tiny_model.predict(t, y, m, q)
+    assert torch.allclose(tiny_model.predict(t[:, perm], y[:, perm], m, q), ref, atol=1e-5)
+
+
+def test_step_inputs_start_silent_and_then_matter():
+    """The step encoder's output layer starts at zero (a warm-started model answers as its
+    source); once trained, a curve's wiggles change the answer."""
+    torch.manual_seed(1)
+    base = PFNConfig(n_layers=1, d_model=16, n_heads=2, d_ff=32, n_buckets=20, encoder_hidden=8)
+    plain = PFN(base, torch.linspace(0, 1, 21)).eval()
+    steps = PFN(PFNConfig(**{**base.to_dict(), "step_inputs": True}), plain.bar.borders).eval()
+    missing, _ = steps.load_state_dict(plain.state_dict(), strict=False)
+    assert missing and all(k.startswith("step_enc.") for k in missing)
+    t, y, m = _ctx(8)
+    q = torch.tensor([[1.0]])
+    assert torch.equal(steps.predict(t, y, m, q), plain.predict(t, y, m, q))
+    torch.nn.init.normal_(steps.step_enc[-1].weight, std=0.3)
+    assert not torch.allclose(steps.predict(t, y, m, q), plain.predict(t, y, m, q), atol=1e-4)
 
 
 def test_config_validation():
