@@ -17,8 +17,8 @@ def slow(pred: Predictor) -> Predictor:
     return Predictor.load("slowstart")
 
 
-def test_the_shipped_models_are_default_and_slowstart() -> None:
-    assert SHIPPED == ["default", "slowstart"]
+def test_the_shipped_models_are_default_slowstart_and_steps2() -> None:
+    assert SHIPPED == ["default", "slowstart", "steps2"]
     total = sum((WEIGHTS_DIR / n / WEIGHTS_FILE).stat().st_size for n in SHIPPED)
     assert total <= 25 * 2**20  # the issue's budget for shipped weights
 
@@ -28,7 +28,8 @@ def test_shipped_model_loads_by_name_with_its_digest(name: str) -> None:
     loaded = Predictor.load(name)
     assert loaded.sha256 == sha256_file(WEIGHTS_DIR / name / WEIGHTS_FILE)
     meta = read_config(WEIGHTS_DIR / name)["meta"]
-    assert meta["prior"] == {"default": "lcpfn", "slowstart": "lcpfn-slowstart0.2"}[name]
+    assert meta["prior"] == {"default": "lcpfn", "slowstart": "lcpfn-slowstart0.2",
+                             "steps2": "lcpfn"}[name]
 
 
 def flat_start(n: int) -> Curve:
@@ -58,3 +59,12 @@ def test_both_models_agree_on_an_ordinary_rising_curve(pred: Predictor, slow: Pr
                   query_epochs=[100], bounds=(0, 1))
     means = [float(p.predict([curve])[0].mean[-1]) for p in (pred, slow)]
     assert abs(means[0] - means[1]) < 0.03
+
+
+def test_steps2_has_trained_step_inputs_and_default_has_none() -> None:
+    """steps2 is the shipped model with step inputs, and its step encoder was trained (its
+    output layer starts at zero, so all-zero weights would mean an untrained copy of stage 4)."""
+    steps2, default = Predictor.load("steps2"), Predictor.load("default")
+    assert steps2.model.cfg.step_inputs and not default.model.cfg.step_inputs
+    assert steps2.model.step_enc is not None
+    assert float(steps2.model.step_enc[-1].weight.detach().abs().max()) > 0  # trained
