@@ -61,10 +61,10 @@ def test_both_models_agree_on_an_ordinary_rising_curve(pred: Predictor, slow: Pr
     assert abs(means[0] - means[1]) < 0.03
 
 
-def test_steps2_has_trained_step_inputs_and_default_has_none() -> None:
+def test_steps2_has_trained_step_inputs_and_default_has_none(pred: Predictor) -> None:
     """steps2 is the shipped model with step inputs, and its step encoder was trained (its
     output layer starts at zero, so all-zero weights would mean an untrained copy of stage 4)."""
-    steps2, default = Predictor.load("steps2"), Predictor.load("default")
-    assert steps2.model.cfg.step_inputs and not default.model.cfg.step_inputs
+    steps2 = Predictor.load("steps2")
+    assert steps2.model.cfg.step_inputs and not pred.model.cfg.step_inputs
     assert steps2.model.step_enc is not None
     assert float(steps2.model.step_enc[-1].weight.detach().abs().max()) > 0  # trained
