@@ -250,6 +250,20 @@ def get_prior(name: str) -> CurvePrior:
     )
 
 
-def sample_cutoffs(n: int, m: int, generator: torch.Generator, low: int = 1) -> Tensor:
-    """Right-censoring for training: one observed-epoch count per curve, uniform in [low, m-1]."""
-    return torch.randint(low, m, (n,), generator=generator)
+def sample_cutoffs(
+    n: int, m: int, generator: torch.Generator, low: int = 1, log_share: float = 0.0
+) -> Tensor:
+    """Right-censoring for training: one observed-epoch count per curve in [low, m-1], uniform,
+    or for a ``log_share`` of the curves log-uniform (``P(c) ~ log((c+1)/c)``: a curve seen for
+    one epoch is as likely as one seen for 50-99). ``log_share=0`` draws nothing extra, so the
+    uniform stream is unchanged."""
+    if not 0.0 <= log_share <= 1.0:
+        raise ValueError(f"log_share: must be in [0, 1], got {log_share}")
+    cut = torch.randint(low, m, (n,), generator=generator)
+    if log_share == 0.0:
+        return cut
+    lo = max(low, 1)
+    u = torch.rand(n, 2, generator=generator)
+    # exp(U(log lo, log m)) floored: integer c in [lo, m-1] with P(c) = log((c+1)/c) / log(m/lo)
+    c_log = (lo * (m / lo) ** u[:, 1]).floor().long().clamp_(lo, m - 1)
+    return torch.where(u[:, 0] < log_share, c_log, cut)

@@ -127,3 +127,28 @@ def test_slow_start_share_and_registry():
 def test_cutoffs_per_curve():
     c = sample_cutoffs(5000, 100, torch.Generator().manual_seed(0))
     assert int(c.min()) == 1 and int(c.max()) == 99 and len(torch.unique(c)) == 99
+
+
+@given(n=st.integers(1, 400), m=st.integers(2, 150), low=st.integers(0, 5),
+       share=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=60, deadline=None)
+def test_cutoffs_log_share_bounds_and_determinism(n, m, low, share, seed):
+    low = min(low, m - 1)
+    c = sample_cutoffs(n, m, torch.Generator().manual_seed(seed), low=low, log_share=share)
+    again = sample_cutoffs(n, m, torch.Generator().manual_seed(seed), low=low, log_share=share)
+    assert c.shape == (n,) and torch.equal(c, again)
+    assert int(c.min()) >= max(low, 1 if share == 1.0 else low) and int(c.max()) <= m - 1
+
+
+def test_cutoffs_log_share_moves_mass_to_few_epochs():
+    g = torch.Generator().manual_seed(0)
+    base = sample_cutoffs(100_000, 100, torch.Generator().manual_seed(0))
+    assert torch.equal(base, sample_cutoffs(100_000, 100, g, log_share=0.0))  # stream unchanged
+    c = sample_cutoffs(100_000, 100, torch.Generator().manual_seed(0), log_share=0.25)
+    p = torch.bincount(c, minlength=100).double() / len(c)
+    # 0.75 / 99 + 0.25 * log(2) / log(100) = 0.045 at one epoch; 0.75 / 99 + 0.25 * log(81/80) /
+    # log(100) = 0.0083 at 80
+    assert 0.042 < float(p[1]) < 0.048 and 0.0074 < float(p[80]) < 0.0092
+    assert len(torch.unique(c)) == 99
+    with pytest.raises(ValueError, match="log_share"):
+        sample_cutoffs(3, 100, g, log_share=1.5)

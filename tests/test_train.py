@@ -224,6 +224,22 @@ def _tiny_model_and_batch(n: int = 12):
     return model, training_batch(prior, n, g, 1), g
 
 
+def test_training_batch_log_share_shortens_the_contexts():
+    """cutoff_log_share reaches the batch: context masks are prefixes, and a log-uniform share
+    puts many more curves at one observed epoch than uniform cutoffs do (1/99)."""
+    from prior import get_prior
+    from train.loop import training_batch
+
+    prior = get_prior("lcpfn")
+    n_ctx = {}
+    for share in (0.0, 1.0):
+        _, _, is_ctx = training_batch(prior, 2000, torch.Generator().manual_seed(5), 1, share)
+        k = is_ctx.sum(1)
+        assert torch.equal(is_ctx, torch.arange(100)[None, :] < k[:, None])  # prefixes
+        n_ctx[share] = float((k == 1).double().mean())
+    assert n_ctx[0.0] < 0.03 and 0.12 < n_ctx[1.0] < 0.18  # log(2) / log(100) = 0.15
+
+
 @pytest.mark.parametrize("groups", [1, 5, 40])
 def test_all_queries_kept_equals_the_full_batch_loss_and_gradient(groups):
     """max_queries >= every curve's query count keeps every token: the micro-batches (sorted,

@@ -36,6 +36,8 @@ class TrainConfig:
     # ~20x slower on this AVX2-only machine)
     compile: bool = False  # torch.compile the transformer body
     min_cutoff: int = 1  # smallest number of observed epochs drawn per curve
+    cutoff_log_share: float = 0.0  # share of curves whose cutoff is drawn log-uniform (more
+    # mass on the few-epoch regime early-stopping decisions live in) instead of uniform
     max_queries: int = 0  # query tokens kept per curve, drawn from its later epochs (0: all);
     # the loss is reweighted to stay an unbiased estimate of the all-queries loss
     query_groups: int = 8  # with max_queries: length-sorted micro-batches per step (less padding)
@@ -62,6 +64,7 @@ class TrainConfig:
             "grad_clip": self.grad_clip > 0,
             "ema_decay": 0 <= self.ema_decay < 1,
             "min_cutoff": self.min_cutoff >= 0,
+            "cutoff_log_share": 0 <= self.cutoff_log_share <= 1,
             "max_queries": self.max_queries >= 0,
             "query_groups": self.query_groups >= 1,
             "ckpt_every": self.ckpt_every >= 1,

@@ -43,7 +43,7 @@ from train.checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
 from train.config import TrainConfig
 from train.export import model_from_checkpoint, model_meta
 
-EVAL_CUTOFFS = (10, 20, 40, 80)
+EVAL_CUTOFFS = (1, 4, 10, 20, 40, 80)  # 1 and 4: the early-stopping regime
 # config keys that may change between a run and its resumption (they don't change the maths)
 # (ema_decay only changes the averaged copy that is exported, not the optimised weights;
 # n_curves re-targets the learning-rate schedule from the step reached: a run can be shortened
@@ -132,12 +132,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 
 def training_batch(
-    prior: CurvePrior, n: int, g: torch.Generator, min_cutoff: int
+    prior: CurvePrior, n: int, g: torch.Generator, min_cutoff: int, log_share: float = 0.0
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(t, y, is_ctx), each (n, m): progress, noisy values, context mask from per-curve cutoffs."""
     m = prior.n_epochs
     y = prior.sample(n, g).y
-    cut = sample_cutoffs(n, m, g, low=min_cutoff)
+    cut = sample_cutoffs(n, m, g, low=min_cutoff, log_share=log_share)
     t = (torch.arange(1, m + 1, dtype=torch.float32) / m).expand(n, m)
     is_ctx = torch.arange(m)[None, :] < cut[:, None]  # (n, m)
     return t, y, is_ctx
@@ -316,7 +316,8 @@ class Trainer:
         lr = lr_at(cfg, self.step)
         for grp in self.opt.param_groups:
             grp["lr"] = lr
-        t, y, is_ctx = training_batch(self.prior, self.local_batch, self.gen, cfg.min_cutoff)
+        t, y, is_ctx = training_batch(self.prior, self.local_batch, self.gen, cfg.min_cutoff,
+                                       cfg.cutoff_log_share)
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         if cfg.max_queries:
