@@ -240,20 +240,21 @@ def test_training_batch_log_share_shortens_the_contexts():
     assert n_ctx[0.0] < 0.03 and 0.12 < n_ctx[1.0] < 0.18  # log(2) / log(100) = 0.15
 
 
+@pytest.mark.parametrize("per_curve", [False, True])
 @pytest.mark.parametrize("groups", [1, 5, 40])
-def test_all_queries_kept_equals_the_full_batch_loss_and_gradient(groups):
+def test_all_queries_kept_equals_the_full_batch_loss_and_gradient(groups, per_curve):
     """max_queries >= every curve's query count keeps every token: the micro-batches (sorted,
     regrouped, padded, tokens reordered within a row) give the full layout's loss and
-    gradients, which checks the layout, the masks and the weights."""
+    gradients, which checks the layout, the masks and the weights (per token or per curve)."""
     from train.loop import loss_fn, query_microbatches, subsampled_loss
 
     model, (t, y, is_ctx), g = _tiny_model_and_batch()
     amp = torch.autocast("cpu", enabled=False)
-    full = loss_fn(model, model, t, y, is_ctx, amp)
+    full = loss_fn(model, model, t, y, is_ctx, amp, per_curve)
     full.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    mbs = query_microbatches(t, y, is_ctx, 100, groups, g)
+    mbs = query_microbatches(t, y, is_ctx, 100, groups, g, per_curve)
     assert len(mbs) == min(groups, len(t))
     assert sum(int(mb.select.sum()) for mb in mbs) == int((~is_ctx).sum())
     got = sum(subsampled_loss(model, model, mb, amp, float((~is_ctx).sum())) for mb in mbs)
@@ -261,6 +262,25 @@ def test_all_queries_kept_equals_the_full_batch_loss_and_gradient(groups):
     assert torch.allclose(got, full, rtol=1e-5, atol=1e-6)
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, want[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_per_curve_loss_is_the_mean_of_each_curves_mean():
+    """per_curve weighs curves, not tokens: it equals the mean over curves of each curve's
+    mean query loss (computed here curve by curve), and differs from the per-token mean when
+    the curves' query counts differ."""
+    from train.loop import loss_fn
+
+    model, (t, y, is_ctx), _ = _tiny_model_and_batch()
+    model.eval()
+    amp = torch.autocast("cpu", enabled=False)
+    with torch.no_grad():
+        per_curve = float(loss_fn(model, model, t, y, is_ctx, amp, per_curve=True))
+        per_token = float(loss_fn(model, model, t, y, is_ctx, amp))
+        means = [float(loss_fn(model, model, t[i:i + 1], y[i:i + 1], is_ctx[i:i + 1], amp))
+                 for i in range(len(t))]
+    assert len(set(is_ctx.sum(1).tolist())) > 1  # the batch mixes cutoffs
+    assert per_curve == pytest.approx(sum(means) / len(means), rel=1e-5)
+    assert abs(per_curve - per_token) > 1e-4
 
 
 def test_subsampled_queries_are_an_unbiased_estimate_of_the_loss():

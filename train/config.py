@@ -40,6 +40,9 @@ class TrainConfig:
     # mass on the few-epoch regime early-stopping decisions live in) instead of uniform
     max_queries: int = 0  # query tokens kept per curve, drawn from its later epochs (0: all);
     # the loss is reweighted to stay an unbiased estimate of the all-queries loss
+    per_curve_loss: bool = False  # every curve weighs the same in the loss (the mean over its
+    # queries, as the paper protocol scores) instead of every query token (a curve cut early
+    # has more queries, so token weighting favours early cutoffs)
     query_groups: int = 8  # with max_queries: length-sorted micro-batches per step (less padding)
     border_curves: int = 10_000  # prior curves whose noisy values set the bucket borders
     seed: int = 0  # seeds borders, initialisation and every rank's prior stream

@@ -143,11 +143,18 @@ def training_batch(
     return t, y, is_ctx
 
 
-def loss_fn(model: PFN, fwd: Any, t: Tensor, y: Tensor, is_ctx: Tensor, amp: Any) -> Tensor:
-    """Mean negative log-density over all query tokens of the batch."""
+def loss_fn(model: PFN, fwd: Any, t: Tensor, y: Tensor, is_ctx: Tensor, amp: Any,
+            per_curve: bool = False) -> Tensor:
+    """Mean negative log-density over all query tokens of the batch, or with ``per_curve`` the
+    mean over curves of each curve's mean over its queries (the paper protocol's weighting)."""
     with amp:
         logits = fwd(t, y, is_ctx, ~is_ctx)  # (N_query, n_buckets)
-    return -model.bar.log_density(logits.float(), y[~is_ctx]).mean()
+    nll = -model.bar.log_density(logits.float(), y[~is_ctx])  # (N_query,) row-major
+    if not per_curve:
+        return nll.mean()
+    n_qry = (~is_ctx).sum(1)  # (n,)
+    w = (1.0 / n_qry.clamp(min=1).float()).repeat_interleave(n_qry)  # (N_query,)
+    return (nll * w).sum() / int((n_qry > 0).sum())
 
 
 @dataclass(frozen=True)
@@ -168,11 +175,14 @@ class MicroBatch:
 
 
 def query_microbatches(t: Tensor, y: Tensor, is_ctx: Tensor, max_queries: int, groups: int,
-                       g: torch.Generator) -> list[MicroBatch]:
+                       g: torch.Generator, per_curve: bool = False) -> list[MicroBatch]:
     """Each curve of (t, y, is_ctx) (n, m) keeps its context and min(max_queries, its query
     count) of its queries, uniformly without replacement, each weighted by (query count) /
     (kept); the curves, sorted by kept length, are split into ``groups`` micro-batches. The
-    weighted sum of the kept queries' losses is an unbiased estimate of the sum over all."""
+    weighted sum of the kept queries' losses is an unbiased estimate of the sum over all.
+    With ``per_curve`` every curve weighs (all queries) / n in all, (all queries) / (n kept)
+    per kept query: the same sum then estimates (all queries) x the mean over curves of each
+    curve's mean loss, so ``subsampled_loss`` estimates ``loss_fn(per_curve=True)``."""
     n, m = t.shape
     n_ctx = is_ctx.sum(1)  # (n,)
     n_qry = m - n_ctx
@@ -181,6 +191,8 @@ def query_microbatches(t: Tensor, y: Tensor, is_ctx: Tensor, max_queries: int, g
     kept = n_qry.clamp(max=max_queries)
     length = n_ctx + kept  # (n,) tokens per curve
     w_curve = n_qry.float() / kept.clamp(min=1).float()
+    if per_curve:
+        w_curve = float(n_qry.sum()) / int((n_qry > 0).sum()) / kept.clamp(min=1).float()
     out = []
     for idx in length.argsort().tensor_split(min(groups, n)):
         L = int(length[idx].max())
@@ -324,7 +336,7 @@ class Trainer:
             loss, tokens = self.subsampled_backward(t, y, is_ctx)
         else:
             t, y, is_ctx = t.to(self.device), y.to(self.device), is_ctx.to(self.device)
-            loss = loss_fn(self.model, self.fwd, t, y, is_ctx, self.amp)
+            loss = loss_fn(self.model, self.fwd, t, y, is_ctx, self.amp, cfg.per_curve_loss)
             loss.backward()
             tokens = float(t.numel())
         gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -338,7 +350,8 @@ class Trainer:
         syncs on the last one only); returns the estimated loss and the tokens processed.
         The batch (t, y, is_ctx) is on the CPU, where the generator draws the queries."""
         mbs = [mb.to(self.device) for mb in query_microbatches(
-            t, y, is_ctx, self.cfg.max_queries, self.cfg.query_groups, self.gen)]
+            t, y, is_ctx, self.cfg.max_queries, self.cfg.query_groups, self.gen,
+            self.cfg.per_curve_loss)]
         total = float((~is_ctx).sum())
         loss = torch.zeros(())
         for i, mb in enumerate(mbs):
