@@ -45,7 +45,9 @@ class TrainConfig:
     # has more queries, so token weighting favours early cutoffs)
     query_groups: int = 8  # with max_queries: length-sorted micro-batches per step (less padding)
     border_curves: int = 10_000  # prior curves whose noisy values set the bucket borders
-    seed: int = 0  # seeds borders, initialisation and every rank's prior stream
+    seed: int = 0  # seeds borders, initialisation and every rank's prior stream (the held-out
+    # curves are fixed); a warm-started run should not reuse its source's seed, or it re-sees
+    # the source's first curves
     init_from: str = ""  # run directory (its checkpoint's EMA weights), model directory or
     # shipped name whose weights start the run with a fresh optimizer and schedule; parameters
     # it lacks keep their initialisation ("": none)
