@@ -12,11 +12,11 @@ prior draws it from N(-4, 1)): the mean gap, its share of the whole gap (the ban
 times its gap), the model's predictive spread at the first query epoch relative to sigma
 (half the 15.9-84.1% interval over sigma, median: near 1 means the model has read the noise
 level) and its centre error there (|median - f| / sigma, median: how far the extrapolated
-curve is off, in noise units). "oracle on buckets" is the same oracle with its density
-averaged over each of the model's buckets (its mass in the bucket / the bucket's width): every
-density a bar distribution (with or without the sharpening head) can express is constant on
-the buckets, so this is the bound for the model's output layer, and oracle - buckets is what
-the borders cost.
+curve is off, in noise units), and both at the horizon. "oracle on buckets" is the same
+oracle with its density averaged over each of the model's buckets (its mass in the bucket /
+the bucket's width): every density a bar distribution (with or without the sharpening head)
+can express is constant on the buckets, so this is the bound for the model's output layer,
+and oracle - buckets is what the borders cost.
 
 ``--mcmc N`` adds a second table on the first N curves of every band: the same columns for the
 oracle, the MCMC reference posterior (``prior.reference``, setting ``gold``: the exact
@@ -53,40 +53,39 @@ def bucket_oracle(borders: torch.Tensor, y: np.ndarray, f: np.ndarray,
 
 
 def score(pred: Predictor, y: np.ndarray, f: np.ndarray, sig: np.ndarray,
-          c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per curve: mean log-density of each later epoch's value under that epoch's predictive,
-    spread and centre error at the first query epoch (both in units of sigma)."""
+          c: int) -> tuple[np.ndarray, ...]:
+    """Per curve: mean log-density of each later epoch's value under that epoch's predictive;
+    spread and centre error (in units of sigma) at the first query epoch and at the last."""
     m = y.shape[1]
     x = np.arange(1, m + 1, dtype=np.float64)
     rest = list(range(c + 1, m + 1))
     curves = [Curve(x[:c], y[i, :c], horizon=float(m), query_epochs=rest, bounds=(0.0, 1.0))
               for i in range(len(y))]
-    ll, spread, err = np.empty(len(y)), np.empty(len(y)), np.empty(len(y))
+    out = np.empty((5, len(y)))  # ll, spread first, error first, spread last, error last
     for j in range(0, len(curves), 256):
         for k, p in enumerate(pred.predict(curves[j:j + 256])):
             i = j + k
             # values of shape (Q, 1): each query epoch's own value (a 1-D array would be
             # evaluated at every query epoch)
-            ll[i] = float(np.mean(p.log_density(y[i, c:, None])[:, 0]))
-            lo, med, hi = (float(p.quantile(q)[0]) for q in (0.1587, 0.5, 0.8413))
-            spread[i] = (hi - lo) / 2 / sig[i]
-            err[i] = abs(med - f[i, c]) / sig[i]
-    return ll, spread, err
+            out[0, i] = float(np.mean(p.log_density(y[i, c:, None])[:, 0]))
+            lo, med, hi = (p.quantile(q)[[0, -1]] for q in (0.1587, 0.5, 0.8413))
+            out[1::2, i] = (hi - lo) / 2 / sig[i]
+            out[2::2, i] = np.abs(med - f[i, [c, m - 1]]) / sig[i]
+    return tuple(out)
 
 
-def mcmc_score(batch: CurveBatch, rows: np.ndarray, c: int,
-               seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def mcmc_score(batch: CurveBatch, rows: np.ndarray, c: int, seed: int) -> tuple[np.ndarray, ...]:
     """``score`` for the MCMC reference posterior (setting ``gold``) of the curves ``rows``."""
     st = SETTINGS["gold"]
     kw = {k.name: getattr(st, k.name) for k in dataclasses.fields(st)}
     r = mcmc_posterior_predictive(batch.x[:c], batch.y[rows, :c], batch.x[c:],
                                   generator=torch.Generator().manual_seed(seed), **kw)
-    y = batch.y[rows, c:].double()
-    ll = r.log_density(y).mean(1).numpy()
-    q = r.quantile([0.1587, 0.5, 0.8413])[:, 0].numpy()  # (n, 3) at the first query epoch
-    sig = batch.sigma[rows].double().numpy()
-    f = batch.f[rows, c].double().numpy()
-    return ll, (q[:, 2] - q[:, 0]) / 2 / sig, np.abs(q[:, 1] - f) / sig
+    ll = r.log_density(batch.y[rows, c:].double()).mean(1).numpy()
+    q = r.quantile([0.1587, 0.5, 0.8413])[:, [0, -1]].numpy()  # (n, 2, 3): first, last epoch
+    sig = batch.sigma[rows].double().numpy()[:, None]
+    f = batch.f[rows][:, [c, -1]].double().numpy()  # (n, 2)
+    spread, err = (q[..., 2] - q[..., 0]) / 2 / sig, np.abs(q[..., 1] - f) / sig
+    return ll, spread[:, 0], err[:, 0], spread[:, 1], err[:, 1]
 
 
 def main() -> None:
@@ -112,13 +111,14 @@ def main() -> None:
     for name in names:
         pred = Predictor.load(name)
         buckets = bucket_oracle(pred.model.bar.borders, y[:, c:], f[:, c:], sig)
-        ll, spread, err = scores[name] = score(pred, y, f, sig, c)
+        ll, spread, err, spread_h, err_h = scores[name] = score(pred, y, f, sig, c)
         print(f"{name}: cutoff {c}, {len(y)} prior curves (seed {a.seed}): "
               f"model {ll.mean():.4f}, oracle {oracle.mean():.4f}, gap "
               f"{oracle.mean() - ll.mean():.4f}; oracle on buckets {buckets.mean():.4f}")
         print("| log sigma | share of curves | model | oracle | gap | share of the gap "
-              "| spread / sigma | centre error / sigma | oracle on buckets |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "| spread / sigma | centre error / sigma | the same at the horizon "
+              "| oracle on buckets |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         total = float((oracle - ll).sum())
         for lo, hi in BANDS:
             b = (ls >= lo) & (ls < hi)
@@ -126,6 +126,7 @@ def main() -> None:
             print(f"| [{lo:g}, {hi:g}) | {b.mean():.2f} | {ll[b].mean():.3f} | "
                   f"{oracle[b].mean():.3f} | {gap.mean():.3f} | {gap.sum() / total:.0%} | "
                   f"{np.median(spread[b]):.2f} | {np.median(err[b]):.2f} | "
+                  f"{np.median(spread_h[b]):.2f}, {np.median(err_h[b]):.2f} | "
                   f"{buckets[b].mean():.3f} |")
     if not a.mcmc:
         return
@@ -134,8 +135,10 @@ def main() -> None:
     ref = mcmc_score(batch, rows, c, a.seed)
     print(f"\nMCMC (gold) on the first {a.mcmc} curves of every band: "
           f"{(time.perf_counter() - t0) / len(rows):.1f} s per curve. Log-likelihood "
-          "(spread / sigma, centre error / sigma)")
-    cols = {"oracle": (oracle[rows], np.ones(len(rows)), np.zeros(len(rows))), "MCMC": ref}
+          "(spread / sigma, centre error / sigma at the first query epoch; the same at the "
+          "horizon)")
+    one, zero = np.ones(len(rows)), np.zeros(len(rows))
+    cols = {"oracle": (oracle[rows], one, zero, one, zero), "MCMC": ref}
     cols |= {n: tuple(v[rows] for v in scores[n]) for n in names}
     print("| log sigma | curves | " + " | ".join(cols) + " |")
     print("|---|---:|" + "---:|" * len(cols))
@@ -143,7 +146,8 @@ def main() -> None:
     for lo, hi in BANDS:
         b = (lr >= lo) & (lr < hi)
         print(f"| [{lo:g}, {hi:g}) | {b.sum()} | " + " | ".join(
-            f"{v[0][b].mean():.3f} ({np.median(v[1][b]):.2f}, {np.median(v[2][b]):.2f})"
+            f"{v[0][b].mean():.3f} ({np.median(v[1][b]):.2f}, {np.median(v[2][b]):.2f}; "
+            f"{np.median(v[3][b]):.2f}, {np.median(v[4][b]):.2f})"
             for v in cols.values()) + " |")
     # bands weighted by their share of all curves, as the prior draws them
     weights = [((ls >= lo) & (ls < hi)).mean() for lo, hi in BANDS]
