@@ -119,6 +119,29 @@ def test_warm_start_adds_the_sharpening_head_and_keeps_the_answers(tmp_path):
                                            "out_dir": str(tmp_path / "x")}))
 
 
+def test_a_warm_start_on_its_sources_seed_is_warned_about(tmp_path, capsys):
+    """Every run of a warm-start chain that shares a seed draws the same prior curves (the
+    shipped stages did, until the eleventh session): the chain's seeds are found through run
+    directories and exported models, and a repeat is named at start-up."""
+    from train.export import seeds_before
+
+    a = apply_overrides(TrainConfig(), {**TINY, "n_curves": 16, "seed": 3,
+                                        "out_dir": str(tmp_path / "a")})
+    Trainer(a).run(progress=False)
+    b = apply_overrides(a, {"init_from": str(tmp_path / "a" / "model"), "seed": 4,
+                            "out_dir": str(tmp_path / "b")})
+    capsys.readouterr()
+    Trainer(b).run(progress=False)
+    assert "warning: seed" not in capsys.readouterr().err
+    assert seeds_before(str(tmp_path / "b")) == [4, 3]  # run directory, then exported model
+    assert seeds_before(str(tmp_path / "b" / "model")) == [4, 3]
+    assert seeds_before("") == [] and seeds_before(str(tmp_path / "nowhere")) == []
+    Trainer(apply_overrides(b, {"init_from": str(tmp_path / "b"), "seed": 3,
+                                "out_dir": str(tmp_path / "c")}))
+    err = capsys.readouterr().err
+    assert "warning: seed=3 was already used" in err and "set seed to a new value" in err
+
+
 def test_warm_start_grows_depth_with_identity_blocks(tmp_path):
     """A deeper model warm-started from a shallower run gets the source's blocks at the
     bottom and identity blocks on top: same answers at the start, and the new blocks train."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pfn.errors import ModelNotFoundError
 from pfn.io import read_config, resolve_model_dir, save_model
 from pfn.model import PFN
 from prior import get_prior
@@ -23,6 +24,24 @@ def curves_before(init_from: str) -> int:
         return int(meta["step"]) * src.batch_size + curves_before(src.init_from)
     rec = read_config(resolve_model_dir(init_from)).get("meta", {})
     return int(rec.get("curves_seen_total", rec.get("curves_seen", 0)))
+
+
+def seeds_before(init_from: str) -> list[int]:
+    """The ``seed`` of every run behind a warm start (source first, then its source, ...), as
+    far as the chain is recorded and its sources can be found from here. A run with one of
+    these seeds and the same prior and batch layout draws the same curves again."""
+    if not init_from:
+        return []
+    ckpt = Path(init_from) / CKPT_NAME
+    try:
+        if ckpt.is_file():
+            src = TrainConfig.from_dict(read_checkpoint_meta(ckpt)["config"])
+        else:
+            rec = read_config(resolve_model_dir(init_from)).get("meta", {})
+            src = TrainConfig.from_dict(rec["train_config"])
+    except (KeyError, ValueError, TypeError, ModelNotFoundError):  # an unrecorded source
+        return []
+    return [src.seed, *seeds_before(src.init_from)]
 
 
 def model_meta(cfg: TrainConfig, step: int, ema: bool) -> dict[str, object]:

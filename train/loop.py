@@ -41,7 +41,7 @@ from pfn.model import PFN, Block
 from prior import CurvePrior, get_prior, sample_cutoffs
 from train.checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
 from train.config import TrainConfig
-from train.export import model_from_checkpoint, model_meta
+from train.export import model_from_checkpoint, model_meta, seeds_before
 
 EVAL_CUTOFFS = (1, 4, 10, 20, 40, 80)  # 1 and 4: the early-stopping regime
 # config keys that may change between a run and its resumption (they don't change the maths)
@@ -234,6 +234,11 @@ class Trainer:
         if cfg.init_from and not (Path(cfg.out_dir) / CKPT_NAME).is_file():
             # (a resumed run takes its weights from its own checkpoint, not from the source)
             warm_start(self.model, cfg.init_from, verbose=self.dist.main)
+            if cfg.seed in seeds_before(cfg.init_from) and self.dist.main:
+                print(f"warning: seed={cfg.seed} was already used by a run behind init_from="
+                      f"{cfg.init_from!r}: this run draws the prior curves that run drew "
+                      "(the same curves again, when the batch layout matches too); set seed to "
+                      "a new value for fresh curves", file=sys.stderr)
         self.model = self.model.to(self.device)
         self.opt = make_optimizer(self.model, cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17 + self.dist.rank)
