@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pfn.errors import ModelNotFoundError
 from pfn.io import read_config, resolve_model_dir, save_model
@@ -12,17 +13,27 @@ from train.checkpoint import CKPT_NAME, load_checkpoint, read_checkpoint_meta
 from train.config import TrainConfig
 
 
-def curves_before(init_from: str) -> int:
-    """Training curves behind a warm start's source (0 without one): a run directory's own
-    curves plus its source's, recursively, or a model directory's recorded total."""
+def source_record(init_from: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a warm start's source recorded about its training: (its run's TrainConfig as a
+    dict, the rest) from a run directory's checkpoint (the rest: ``step``) or a model
+    directory's config (the rest: its export metadata); empty dicts when there is none."""
     if not init_from:
-        return 0
+        return {}, {}
     ckpt = Path(init_from) / CKPT_NAME
     if ckpt.is_file():
         meta = read_checkpoint_meta(ckpt)
-        src = TrainConfig.from_dict(meta["config"])
-        return int(meta["step"]) * src.batch_size + curves_before(src.init_from)
-    rec = read_config(resolve_model_dir(init_from)).get("meta", {})
+        return dict(meta["config"]), dict(meta)
+    rec = dict(read_config(resolve_model_dir(init_from)).get("meta", {}))
+    return dict(rec.get("train_config", {})), rec
+
+
+def curves_before(init_from: str) -> int:
+    """Training curves behind a warm start's source (0 without one): a run directory's own
+    curves plus its source's, recursively, or a model directory's recorded total."""
+    cfg, rec = source_record(init_from)
+    if "step" in rec:  # a run directory
+        src = TrainConfig.from_dict(cfg)
+        return int(rec["step"]) * src.batch_size + curves_before(src.init_from)
     return int(rec.get("curves_seen_total", rec.get("curves_seen", 0)))
 
 
@@ -30,18 +41,12 @@ def seeds_before(init_from: str) -> list[int]:
     """The ``seed`` of every run behind a warm start (source first, then its source, ...), as
     far as the chain is recorded and its sources can be found from here. A run with one of
     these seeds and the same prior and batch layout draws the same curves again."""
-    if not init_from:
-        return []
-    ckpt = Path(init_from) / CKPT_NAME
     try:
-        if ckpt.is_file():
-            src = TrainConfig.from_dict(read_checkpoint_meta(ckpt)["config"])
-        else:
-            rec = read_config(resolve_model_dir(init_from)).get("meta", {})
-            src = TrainConfig.from_dict(rec["train_config"])
-    except (KeyError, ValueError, TypeError, ModelNotFoundError):  # an unrecorded source
+        cfg, _ = source_record(init_from)
+        src = TrainConfig.from_dict(cfg) if cfg else None
+    except (ValueError, TypeError, ModelNotFoundError):  # an unrecorded or missing source
         return []
-    return [src.seed, *seeds_before(src.init_from)]
+    return [] if src is None else [src.seed, *seeds_before(src.init_from)]
 
 
 def model_meta(cfg: TrainConfig, step: int, ema: bool) -> dict[str, object]:
