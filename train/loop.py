@@ -234,7 +234,7 @@ class Trainer:
         if cfg.init_from and not (Path(cfg.out_dir) / CKPT_NAME).is_file():
             # (a resumed run takes its weights from its own checkpoint, not from the source)
             warm_start(self.model, cfg.init_from, verbose=self.dist.main)
-            if cfg.seed in seeds_before(cfg.init_from) and self.dist.main:
+            if self.dist.main and cfg.seed in seeds_before(cfg.init_from):
                 print(f"warning: seed={cfg.seed} was already used by a run behind init_from="
                       f"{cfg.init_from!r}: this run draws the prior curves that run drew "
                       "(the same curves again, when the batch layout matches too); set seed to "
