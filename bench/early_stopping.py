@@ -106,7 +106,7 @@ DEFAULT_DELTAS = (0.01, 0.05, 0.1)
 PATIENCES = (0, 1, 5, 10, 20, 50)
 OPTUNA_PRUNERS = ("median", "successive_halving", "hyperband")
 POLICY_FAMILIES = ("curvecast", "calibrated", "margin", "gain", "opportunity", "budget",
-                   "rung", "rungs", "rungsq", "rungsb", "oracle", "patience", "optuna")
+                   "rung", "rungs", "rungsq", "rungsb", "rungsp", "oracle", "patience", "optuna")
 # those that ask the model
 MODEL_FAMILIES = frozenset(POLICY_FAMILIES) - {"oracle", "patience", "optuna"}
 ORACLE_ETAS = (4, 16)  # the "oracle" family: the rung rule ranking by the trial's true best value
@@ -361,6 +361,8 @@ class ThresholdCache:
         # at P(improve) = TAIL_GRID (ascending), median, scale; and the final's score
         self.final: dict[tuple[int, int], tuple[np.ndarray, float, float]] = {}
         self.score: dict[tuple[int, int], float] = {}  # z of the final (trials at horizon)
+        # the best predicted median over the checked remaining epochs (policy units)
+        self.peak: dict[tuple[int, int], float] = {}
         self.stats = stats or InferenceStats()
 
     def curve(self, i: int, k: int) -> Curve:
@@ -382,6 +384,8 @@ class ThresholdCache:
             post, starts = self.predictor.posterior_all([self.curve(i, k) for i, k in chunk])
             q = sign * post.quantile(np.repeat(levels[None, :], len(post), axis=0))
             thr = np.maximum.reduceat(q, np.asarray(starts[:-1]), axis=0)  # (len(chunk), nd)
+            qm = sign * post.quantile(np.full((len(post), 1), 0.5))
+            peak = np.maximum.reduceat(qm, np.asarray(starts[:-1]), axis=0)[:, 0]
             h = np.asarray(starts[1:]) - 1  # each curve's horizon row
             fin = Posterior(post.bar, post.logits[h], post.scale[h], post.offset[h],
                             post.query_epochs[h])
@@ -396,6 +400,7 @@ class ThresholdCache:
             self.stats.batches += 1
             for j, p in enumerate(chunk):
                 self.cache[p] = thr[j]
+                self.peak[p] = float(peak[j])
                 self.final[p] = (fq[j, :-3], float(med[j]), float(max(scale[j], 1e-9)))
                 if math.isfinite(fv[j]):
                     self.score[p] = (float(fv[j]) - float(med[j])) / float(max(scale[j], 1e-9))
@@ -726,8 +731,10 @@ class RungPolicy(Policy):
     ``"q75"``/``"q90"`` (an upper quantile of the predicted final: the optimistic ablation,
     family ``rungsq``) or ``"blend"`` (``o + w (p - o)`` of the value so far o and the
     median p, w fitted on the ordering's completed trials by ``blend_weight``: family
-    ``rungsb``) or ``"oracle"`` (the best value the trial will ever reveal, read from the
-    file: the rule with a perfect extrapolation, a diagnostic bound that needs no model,
+    ``rungsb``) or ``"peak"`` (the best of the per-epoch predicted medians over the checked
+    remaining epochs: the best value the trial is predicted to reach rather than its final
+    one, family ``rungsp``) or ``"oracle"`` (the best value the trial will ever reveal, read
+    from the file: the rule with a perfect extrapolation, a diagnostic bound that needs no model,
     family ``oracle``; ``cache`` may then be None). ``j``: also OR'ed with the all-epochs rule
     at that delta index from ``min_epochs`` points on (the API does not: ``BudgetAware``
     ignores the rule's verdict with rungs). ``startup``: the first trials of an ordering run
@@ -797,6 +804,9 @@ class RungPolicy(Policy):
                 v = o + blend_weight(r.ctx.get("done", {}).get(k, [])) * (p - o)
             elif self.score == "oracle":
                 v = float(np.nanmax(task.s[i]))
+            elif self.score == "peak":
+                assert self.cache is not None
+                v = self.cache.peak[(i, k)]
             else:
                 assert self.cache is not None
                 v = self.cache.final[(i, k)][1]
@@ -942,6 +952,8 @@ def run_task(task: Task, predictor: Predictor | None, policies: Sequence[str],
             todo += [RungPolicy(cache, None)]
         if "rungsb" in policies:
             todo += [RungPolicy(cache, None, score="blend", eta=4)]
+        if "rungsp" in policies:
+            todo += [RungPolicy(cache, None, score="peak", eta=4)]
         if "rungsq" in policies:
             todo += [RungPolicy(cache, None, score=sc, eta=4) for sc in ("q75", "q90")]
         if "calibrated" in policies:

@@ -289,7 +289,7 @@ def test_calibrated_budget_policy_protects_the_first_trials(es, pred: Predictor,
         assert any(k < 12 for _, k in r.runs[2:])  # something was stopped later
 
 
-@pytest.mark.parametrize("score", ["median", "value"])
+@pytest.mark.parametrize("score", ["median", "value", "peak"])
 def test_rung_policy_stops_only_at_rungs_and_never_the_leader(es, pred: Predictor,
                                                                tmp_path: Path,
                                                                score: str) -> None:  # type: ignore[no-untyped-def]
@@ -314,6 +314,12 @@ def test_rung_policy_stops_only_at_rungs_and_never_the_leader(es, pred: Predicto
             for k, pop in sc.items():
                 for i, v in pop.items():
                     assert v == pytest.approx(float(np.max(task.s[int(i), :k])))
+        if score == "peak":  # the best per-epoch median; the horizon is one of the epochs
+            for k, pop in sc.items():
+                for i, v in list(pop.items())[:3]:
+                    post, _ = pred.posterior_all([cache.curve(int(i), k)])
+                    assert v == pytest.approx(float(post.quantile([0.5]).max()), abs=1e-5)
+                    assert v >= cache.final[(int(i), k)][1] - 1e-6
 
 
 def test_oracle_rung_policy_needs_no_model_and_keeps_the_best_trial(es, tmp_path: Path,
