@@ -4,7 +4,16 @@
 over their interval. The outer buckets are replaced by half-normal tails that start at the inner
 borders ``b[1]`` (to the left) and ``b[n-1]`` (to the right) and extend to -inf / +inf, so the
 distribution has full support. Each tail's scale is chosen so that half of its mass lies within
-the width of the bucket it replaces (as in PFNs' ``FullSupportBarDistribution``).
+the width of the bucket it replaces (as in PFNs' ``FullSupportBarDistribution``): the outer
+borders ``b[0]`` and ``b[n]`` serve only to encode the two tails' scales.
+
+The tails' scales are not learned: the log-density of a value in a tail is the tail bucket's
+log-probability plus a half-normal term that does not depend on the logits, so training
+moves the tail *mass* and never its shape. ``borders_from_samples`` therefore sets the outer
+borders so that each tail's scale is the maximum-likelihood half-normal scale of the samples
+beyond its inner border (``fit_tail_scales``, ``with_tail_scales``); equal-mass borders alone
+would put them at the samples' minimum and maximum, whose widths (1.6 and 2.1 on the LC-PFN
+prior) give scales ten times the prior's (2.4 and 3.2 against 0.24 and 0.25).
 
 All functions take logits ``(..., n)`` and broadcast over leading dimensions; values ``y`` and
 probabilities ``q`` have shape ``(...)`` or ``(..., k)`` with ``k`` values per distribution.
@@ -49,6 +58,12 @@ class BarDistribution(torch.nn.Module):
     def _scales(self) -> tuple[Tensor, Tensor]:
         w = self.widths
         return _tail_scale(w[0]), _tail_scale(w[-1])
+
+    @property
+    def tail_scales(self) -> tuple[float, float]:
+        """The half-normal scales of the left and right tails, in y units."""
+        sl, sr = self._scales()
+        return float(sl), float(sr)
 
     @staticmethod
     def _expand(y: Tensor, logits: Tensor) -> tuple[Tensor, bool]:
@@ -155,8 +170,35 @@ class BarDistribution(torch.nn.Module):
         return self.quantile(logits, u.clamp(1e-6, 1 - 1e-6))
 
 
+def fit_tail_scales(values: Tensor, borders: Tensor) -> tuple[float, float]:
+    """Maximum-likelihood half-normal scales of the samples beyond the inner borders ``b[1]``
+    (left) and ``b[-2]`` (right): ``sqrt(mean(d^2))`` of their distances d from the border."""
+    v = values.flatten().double()
+    v = v[torch.isfinite(v)]
+    b = borders.double()
+    out = []
+    for d in (b[1] - v[v < b[1]], v[v > b[-2]] - b[-2]):
+        if d.numel() == 0 or not bool((d > 0).any()):
+            raise ValueError("fit_tail_scales: no sample beyond an inner border; draw more")
+        out.append(float(d.pow(2).mean().sqrt()))
+    return out[0], out[1]
+
+
+def with_tail_scales(borders: Tensor, left: float, right: float) -> Tensor:
+    """``borders`` with the outer two moved so that the tails' scales are ``left`` and
+    ``right`` (the inner borders, hence every inner bucket, are unchanged)."""
+    if not (left > 0 and right > 0 and math.isfinite(left) and math.isfinite(right)):
+        raise ValueError(f"tail scales: need positive finite values, got {left}, {right}")
+    half = _SQRT2 * float(torch.erfinv(torch.tensor(_HALF_MASS, dtype=torch.float64)))
+    b = borders.detach().clone().double()
+    b[0] = b[1] - left * half
+    b[-1] = b[-2] + right * half
+    return b.float()
+
+
 def borders_from_samples(values: Tensor, n_buckets: int) -> Tensor:
-    """Equal-mass bucket borders from samples (the prior's noisy values), n_buckets + 1 of them."""
+    """Equal-mass bucket borders from samples (the prior's noisy values), n_buckets + 1 of them,
+    the outer two set by the tails' fitted scales (``fit_tail_scales``)."""
     v = values.flatten().double()
     v = v[torch.isfinite(v)].sort().values
     q = torch.linspace(0, 1, n_buckets + 1, dtype=torch.float64)
@@ -169,4 +211,7 @@ def borders_from_samples(values: Tensor, n_buckets: int) -> Tensor:
     for i in range(1, borders.numel()):
         if borders[i] <= borders[i - 1] + eps:
             borders[i] = borders[i - 1] + eps
-    return borders.float()
+    try:
+        return with_tail_scales(borders, *fit_tail_scales(v, borders))
+    except ValueError:  # too few samples to reach beyond the inner borders: min and max
+        return borders.float()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -237,10 +237,19 @@ PRIORS: dict[str, CurvePrior] = {
 
 
 def get_prior(name: str) -> CurvePrior:
-    """A registered prior by name (``lcpfn``, ``domhan``, ``lcpfn-slowstart[0.05]``) or a
-    ``+``-joined list of bases."""
+    """A registered prior by name (``lcpfn``, ``domhan``, ``lcpfn-slowstart[0.05]``), a
+    ``+``-joined list of bases, or either with ``-slowstart<p>`` (slow starters with
+    probability p): every ``CurvePrior.name`` (what a model's config records) resolves."""
     if name in PRIORS:
         return PRIORS[name]
+    base, sep, p = name.rpartition("-slowstart")
+    if sep and base and not base.endswith("-slowstart"):
+        try:
+            delay = float(p)
+        except ValueError:
+            delay = math.nan
+        if 0.0 < delay <= 1.0:
+            return replace(get_prior(base), delay_prob=delay)
     comps = tuple(name.split("+"))
     if all(c in BASES for c in comps):
         return CurvePrior(components=comps)

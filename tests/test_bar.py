@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pfn.bar import BarDistribution, borders_from_samples
+from pfn.bar import BarDistribution, borders_from_samples, fit_tail_scales, with_tail_scales
 
 torch.set_default_dtype(torch.float32)
 
@@ -89,3 +89,43 @@ def test_borders_from_samples_equal_mass():
 def test_invalid_borders():
     with pytest.raises(ValueError, match="strictly increasing"):
         BarDistribution(torch.tensor([0.0, 1.0, 1.0, 2.0]))
+
+
+def test_fit_tail_scales_recovers_half_normal_excess():
+    g = torch.Generator().manual_seed(1)
+    b = torch.tensor([-5.0, 0.0, 0.5, 1.0, 9.0])
+    left = -0.3 * torch.randn(20000, generator=g).abs()  # below b[1] = 0, scale 0.3
+    right = 1.0 + 0.05 * torch.randn(20000, generator=g).abs()  # above b[-2] = 1, scale 0.05
+    inner = torch.rand(20000, generator=g)
+    sl, sr = fit_tail_scales(torch.cat([left, inner, right]), b)
+    assert sl == pytest.approx(0.3, rel=0.03) and sr == pytest.approx(0.05, rel=0.03)
+    with pytest.raises(ValueError, match="beyond an inner border"):
+        fit_tail_scales(inner, b)
+
+
+def test_with_tail_scales_moves_only_the_tails():
+    bar, logits = _random_bar(3)
+    nb = with_tail_scales(bar.borders, 0.07, 0.4)
+    new = BarDistribution(nb)
+    assert new.tail_scales == pytest.approx((0.07, 0.4), rel=1e-5)
+    assert torch.equal(nb[1:-1], bar.borders[1:-1])
+    b = bar.borders
+    y_in = torch.linspace(float(b[1]) + 1e-4, float(b[-2]) - 1e-4, 7).expand(3, 7)
+    assert torch.allclose(new.log_density(logits, y_in), bar.log_density(logits, y_in))
+    assert torch.allclose(new.cdf(logits, y_in), bar.cdf(logits, y_in), atol=1e-6)
+    # a tail's mass stays, its reach follows the scale: the quantile at half the left tail's
+    # mass is the half-normal's median below b[1], 0.07 * 0.6745
+    p0 = torch.softmax(logits, -1)[:, 0]
+    q = (0.5 * p0).unsqueeze(-1)  # half of the left tail's mass
+    d = b[1] - new.quantile(logits, q).squeeze(-1)
+    assert torch.allclose(d, torch.full_like(d, 0.07 * 0.6745), rtol=1e-3)
+    with pytest.raises(ValueError, match="positive"):
+        with_tail_scales(bar.borders, 0.0, 1.0)
+
+
+def test_borders_from_samples_fit_the_tails():
+    v = torch.randn(200000, generator=torch.Generator().manual_seed(2))
+    b = borders_from_samples(v, 20)
+    assert BarDistribution(b).tail_scales == pytest.approx(fit_tail_scales(v, b), rel=1e-4)
+    # the samples' extremes would give tails several times wider than the samples' own
+    assert float(b[0]) > float(v.min()) and float(b[-1]) < float(v.max())

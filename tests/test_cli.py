@@ -82,7 +82,8 @@ def test_train_cli_rejects_unknown_key(tmp_path):
     assert r.returncode == 2 and "unknown config key 'nope'" in r.stderr
 
 
-@pytest.mark.parametrize("cmd", ["predict", "eval", "plot", "sample-prior", "train"])
+@pytest.mark.parametrize("cmd", ["predict", "eval", "plot", "sample-prior", "train", "export-run",
+                                 "refit-tails"])
 def test_help(cmd):
     assert "Usage" in cc(cmd, "--help").stdout
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prior import BASES, CurvePrior, get_prior, sample_cutoffs
-from prior.core import _screen
+from prior.core import PRIORS, _screen
 
 
 @settings(max_examples=15, deadline=None)
@@ -152,3 +152,15 @@ def test_cutoffs_log_share_moves_mass_to_few_epochs():
     assert len(torch.unique(c)) == 99
     with pytest.raises(ValueError, match="log_share"):
         sample_cutoffs(3, 100, g, log_share=1.5)
+
+
+@pytest.mark.parametrize("prior", [*PRIORS.values(), CurvePrior(components=("pow3", "vap"),
+                                                                 delay_prob=0.3)],
+                         ids=lambda p: p.name)
+def test_every_prior_name_resolves_to_that_prior(prior):
+    """A model's config records ``prior.name``; ``get_prior`` must give that prior back
+    (`curvecast refit-tails` fits on it)."""
+    assert get_prior(prior.name) == prior
+    for bad in ("lcpfn-slowstart0", "lcpfn-slowstart2", "lcpfn-slowstartx", "nope-slowstart0.2"):
+        with pytest.raises(ValueError, match="unknown name"):
+            get_prior(bad)

@@ -349,3 +349,42 @@ def test_training_with_subsampled_queries_runs_and_resumes_with_them_switched(tm
     assert last["tokens_per_s"] / last["curves_per_s"] == pytest.approx(100)
     with pytest.raises(ValueError, match="query_groups"):
         apply_overrides(TrainConfig(), {"query_groups": 0})
+
+
+def test_refit_tails_changes_only_the_tails_and_fits_them_to_the_prior(tmp_path):
+    """`curvecast refit-tails`: a copy whose outer borders give the tails the prior's
+    maximum-likelihood scales; every other tensor and every inner density is unchanged, the
+    prior's values beyond the inner borders become likelier, the record names the source."""
+    from pfn.bar import fit_tail_scales
+    from pfn.io import load_model, save_model
+    from pfn.model import PFN, PFNConfig
+    from prior import get_prior
+    from train.export import refit_tails
+
+    torch.manual_seed(0)
+    cfg = PFNConfig(n_layers=1, d_model=16, n_heads=2, d_ff=32, n_buckets=40, encoder_hidden=8)
+    y = get_prior("lcpfn").sample(300, torch.Generator().manual_seed(3)).y
+    inner = torch.quantile(y.flatten(), torch.linspace(0.01, 0.99, 39))
+    src = PFN(cfg, torch.cat([inner[:1] - 1.5, inner, inner[-1:] + 2.0])).eval()
+    sha0 = save_model(src, tmp_path / "src", {"prior": "lcpfn"})
+    sha1, rec = refit_tails(tmp_path / "src", tmp_path / "out", n_curves=2000, seed=5)
+    new, conf = load_model(tmp_path / "out")  # the new sha256 is checked on load
+    assert sha1 != sha0 and conf["meta"]["tails"] == rec and rec["source_sha256"] == sha0
+    fit = get_prior("lcpfn").sample(2000, torch.Generator().manual_seed(5)).y
+    assert new.bar.tail_scales == pytest.approx(fit_tail_scales(fit, src.bar.borders), rel=1e-4)
+    assert rec["before"] == pytest.approx(list(src.bar.tail_scales))
+    s0, s1 = src.state_dict(), new.state_dict()
+    for k in s0:
+        if k != "bar.borders":
+            assert torch.equal(s0[k], s1[k]), k
+    assert torch.equal(s0["bar.borders"][1:-1], s1["bar.borders"][1:-1])
+    logits = torch.randn(len(y.flatten()), 40, generator=torch.Generator().manual_seed(0))
+    v = y.flatten()
+    b = src.bar.borders
+    tail = (v < b[1]) | (v > b[-2])
+    assert int(tail.sum()) > 0
+    ld0, ld1 = src.bar.log_density(logits, v), new.bar.log_density(logits, v)
+    assert torch.equal(ld0[~tail], ld1[~tail])
+    assert float(ld1[tail].mean()) > float(ld0[tail].mean()) + 0.5
+    with pytest.raises(ValueError, match="too few"):
+        refit_tails(tmp_path / "src", tmp_path / "bad", n_curves=10)

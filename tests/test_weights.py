@@ -32,6 +32,21 @@ def test_shipped_model_loads_by_name_with_its_digest(name: str) -> None:
                              "steps4": "lcpfn"}[name]
 
 
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_models_have_their_priors_fitted_tails(name: str) -> None:
+    """Every shipped model went through `curvecast refit-tails` (pfn.bar: equal-mass borders
+    alone leave tails ten times the prior's), and a curve flat at its lower bound gets a
+    predictive whose spread and extreme quantiles stay near the bounds."""
+    loaded = Predictor.load(name)
+    rec = read_config(WEIGHTS_DIR / name)["meta"]["tails"]
+    assert loaded.bar.tail_scales == pytest.approx((rec["left"], rec["right"]), rel=1e-5)
+    assert max(loaded.bar.tail_scales) < 0.3 < min(rec["before"])
+    post = loaded.predict([Curve([1, 2, 3, 4, 5], [0.0, 0.0, 0.0, 0.002, 0.0], horizon=50,
+                                 query_epochs=[6, 50], bounds=(0, 1))])[0]
+    assert (post.std < 0.3).all() and (post.quantile(0.01) > -0.35).all()  # before: 0.41, -2.2
+    assert (post.mean > post.quantile(0.05)).all()
+
+
 def flat_start(n: int) -> Curve:
     rng = np.random.default_rng(n)
     values = 0.1 + 0.003 * rng.standard_normal(n)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from train.config import load_config, parse_cli_overrides
+from train.config import TAILS_CURVES, TAILS_SEED, load_config, parse_cli_overrides
 
 HELP = """Pretrain a PFN on prior curves sampled on the fly.
 
@@ -52,8 +52,27 @@ def export_command(
     typer.echo(f"{out} sha256={export_checkpoint(run_dir, out)}")
 
 
+def refit_tails_command(
+    model: Annotated[str, typer.Argument(help="a shipped model's name or a model directory")],
+    out: Annotated[Path, typer.Argument(help="model directory to write")],
+    curves: Annotated[int, typer.Option(help="prior curves to fit the tails on")] = TAILS_CURVES,
+    seed: Annotated[int, typer.Option(help="seed of those curves")] = TAILS_SEED,
+) -> None:
+    """Copy a model with its output distribution's tails refitted on its prior (pfn.bar)."""
+    from train.export import refit_tails
+
+    try:
+        digest, rec = refit_tails(model, out, curves, seed)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(f"{out} sha256={digest} tails {rec['before'][0]:.4g}/{rec['before'][1]:.4g} -> "
+               f"{rec['left']:.4g}/{rec['right']:.4g}")
+
+
 def register(app: Any) -> None:
     app.command("export-run")(export_command)
+    app.command("refit-tails")(refit_tails_command)
     app.command(
         "train",
         help=HELP,
@@ -66,4 +85,4 @@ def main() -> None:
     app.callback()(lambda: None)  # keep "train" a sub-command, as under `curvecast`
     register(app)
     args = sys.argv[1:]
-    app(args=args if args[:1] in (["train"], ["export-run"]) else ["train", *args])
+    app(args=args if args[:1] in (["train"], ["export-run"], ["refit-tails"]) else ["train", *args])

@@ -16,6 +16,12 @@ from typing import Any
 
 from pfn.model import PFNConfig
 
+# `curvecast refit-tails`: the prior curves a model's tails are fitted on, and their seed (none
+# of the evaluations' seeds: the paper protocol draws with 0, training's held-out set with
+# 10 000; training runs use small seeds from 0)
+TAILS_CURVES = 500_000
+TAILS_SEED = 99
+
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from pfn.bar import fit_tail_scales, with_tail_scales
 from pfn.errors import ModelNotFoundError
-from pfn.io import read_config, resolve_model_dir, save_model
+from pfn.io import load_model, read_config, resolve_model_dir, save_model
 from pfn.model import PFN
 from prior import get_prior
 from train.checkpoint import CKPT_NAME, load_checkpoint, read_checkpoint_meta
-from train.config import TrainConfig
+from train.config import TAILS_CURVES, TAILS_SEED, TrainConfig
 
 
 def source_record(init_from: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -73,3 +76,28 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path) -> str:
     """Write run_dir's latest checkpoint as a model directory; returns the sha256."""
     model, meta = model_from_checkpoint(run_dir)
     return save_model(model, out_dir, meta)
+
+
+def refit_tails(src: str | Path, out_dir: str | Path, n_curves: int = TAILS_CURVES,
+                seed: int = TAILS_SEED) -> tuple[str, dict[str, Any]]:
+    """Write ``src`` (a model name or directory) to ``out_dir`` with its bar distribution's
+    tails refitted (``pfn.bar.fit_tail_scales``) on ``n_curves`` curves of the prior it was
+    trained on (its config's ``meta.prior``), seeded: the outer borders move, every other
+    tensor is copied. The tails' scales are not trained (see ``pfn.bar``), so this changes
+    nothing but the shape of the density beyond the inner borders. Returns the new sha256 and
+    the record added to the config's ``meta.tails``."""
+    if n_curves < 1000:
+        raise ValueError(f"n_curves: {n_curves} is too few to fit the tails; use >= 1000")
+    model, cfg = load_model(src)
+    meta = dict(cfg.get("meta", {}))
+    prior = get_prior(str(meta.get("prior", "lcpfn")))
+    y = prior.sample(n_curves, torch.Generator().manual_seed(seed)).y
+    before = model.bar.tail_scales
+    left, right = fit_tail_scales(y, model.bar.borders)
+    with torch.no_grad():
+        model.bar.borders.copy_(with_tail_scales(model.bar.borders, left, right))
+    record = {"left": model.bar.tail_scales[0], "right": model.bar.tail_scales[1],
+              "before": list(before), "prior": prior.name, "curves": n_curves, "seed": seed,
+              "source_sha256": cfg.get("sha256", "")}
+    meta["tails"] = record
+    return save_model(model, out_dir, meta), record
