@@ -101,3 +101,13 @@ def test_eval_reference_mcmc_same_curves_both_methods():
     bad = cc("eval", "--prior-curves", "0", "--reference", "mcmc", "--mcmc-settings", "fast",
              check=False)
     assert bad.returncode != 0 and "unknown 'fast'" in bad.stderr and "gold" in bad.stderr
+
+
+def test_export_and_refit_name_what_is_missing(tmp_path):
+    r = cc("export-run", str(tmp_path / "nope"), str(tmp_path / "out"), check=False)
+    assert r.returncode == 2 and "no checkpoint.safetensors in" in r.stderr
+    r = cc("refit-tails", "nope", str(tmp_path / "out"), check=False)
+    assert r.returncode != 0 and "neither a shipped model" in r.stderr
+    r = cc("refit-tails", "default", str(tmp_path / "out"), "--curves", "10", check=False)
+    assert r.returncode == 2 and "too few" in r.stderr
+    assert not (tmp_path / "out").exists()

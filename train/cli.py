@@ -47,8 +47,13 @@ def export_command(
     out: Annotated[Path, typer.Argument(help="model directory to write")],
 ) -> None:
     """Export a run's latest checkpoint as a model directory (safetensors + config.json)."""
+    from train.checkpoint import CKPT_NAME
     from train.export import export_checkpoint
 
+    if not (run_dir / CKPT_NAME).is_file():
+        typer.echo(f"error: run_dir: no {CKPT_NAME} in {run_dir}; pass a training run's out_dir",
+                   err=True)
+        raise typer.Exit(2)
     typer.echo(f"{out} sha256={export_checkpoint(run_dir, out)}")
 
 
