@@ -13,7 +13,7 @@ moves the tail *mass* and never its shape. ``borders_from_samples`` therefore se
 borders so that each tail's scale is the maximum-likelihood half-normal scale of the samples
 beyond its inner border (``fit_tail_scales``, ``with_tail_scales``); equal-mass borders alone
 would put them at the samples' minimum and maximum, whose widths (1.6 and 2.1 on the LC-PFN
-prior) give scales ten times the prior's (2.4 and 3.2 against 0.24 and 0.25).
+prior) give scales ten times the prior's (2.4 and 3.2 against 0.22 and 0.25).
 
 All functions take logits ``(..., n)`` and broadcast over leading dimensions; values ``y`` and
 probabilities ``q`` have shape ``(...)`` or ``(..., k)`` with ``k`` values per distribution.
