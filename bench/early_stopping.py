@@ -377,15 +377,15 @@ class ThresholdCache:
     def compute(self, pairs: Sequence[tuple[int, int]]) -> None:
         todo = sorted({p for p in pairs if p not in self.cache}, key=lambda p: p[1])
         sign = 1.0 if self.task.direction == "max" else -1.0
-        levels = 1.0 - self.deltas if sign > 0 else self.deltas
+        # the rule's levels, then the median (for the peak): one quantile pass per batch
+        levels = np.append(1.0 - self.deltas if sign > 0 else self.deltas, 0.5)
         for a in range(0, len(todo), BATCH):
             chunk = todo[a:a + BATCH]
             t0, c0 = time.perf_counter(), time.process_time()
             post, starts = self.predictor.posterior_all([self.curve(i, k) for i, k in chunk])
             q = sign * post.quantile(np.repeat(levels[None, :], len(post), axis=0))
-            thr = np.maximum.reduceat(q, np.asarray(starts[:-1]), axis=0)  # (len(chunk), nd)
-            qm = sign * post.quantile(np.full((len(post), 1), 0.5))
-            peak = np.maximum.reduceat(qm, np.asarray(starts[:-1]), axis=0)[:, 0]
+            best = np.maximum.reduceat(q, np.asarray(starts[:-1]), axis=0)  # (len(chunk), nd+1)
+            thr, peak = best[:, :-1], best[:, -1]
             h = np.asarray(starts[1:]) - 1  # each curve's horizon row
             fin = Posterior(post.bar, post.logits[h], post.scale[h], post.offset[h],
                             post.query_epochs[h])

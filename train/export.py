@@ -96,7 +96,8 @@ def refit_tails(src: str | Path, out_dir: str | Path, n_curves: int = TAILS_CURV
     left, right = fit_tail_scales(y, model.bar.borders)
     with torch.no_grad():
         model.bar.borders.copy_(with_tail_scales(model.bar.borders, left, right))
-    record = {"left": model.bar.tail_scales[0], "right": model.bar.tail_scales[1],
+    after = model.bar.tail_scales  # as the stored (float32) borders give them
+    record = {"left": after[0], "right": after[1],
               "before": list(before), "prior": prior.name, "curves": n_curves, "seed": seed,
               "source_sha256": cfg.get("sha256", "")}
     meta["tails"] = record
