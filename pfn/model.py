@@ -48,7 +48,7 @@ SHARPEN_GAIN = 8.0
 # log(1 + dt / DT_UNIT): a noise step of 0.003 and a jump of 0.3 both land in O(1)
 DY_UNIT, DT_UNIT = 1e-3, 1e-2
 # the step encoder's output is multiplied by this gain, like the sharpening head's (its last
-# layer starts at zero and must grow while the body is already trained)
+# layer starts at zero and must grow while the body is already trained); the anchor encoder's too
 STEP_GAIN = 4.0
 
 
@@ -65,6 +65,8 @@ class PFNConfig:
     # p' = (1 - pi) * p + pi * softmax(tau * logits) (see PFN.bucket_logits); off in old weights
     step_inputs: bool = False  # each context token also sees its step from the previous
     # context point, (dy, dt), through its own encoder (see PFN.embed); off in old weights
+    anchor_inputs: bool = False  # every token also sees its offset from the last context
+    # point, (y - y_last, t - t_last), through its own encoder (see PFN.embed); off in old weights
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -155,6 +157,19 @@ def context_steps(t: Tensor, y: Tensor, is_ctx: Tensor) -> tuple[Tensor, Tensor,
     return dy, dt, has
 
 
+def anchor_offsets(t: Tensor, y: Tensor, is_ctx: Tensor) -> tuple[Tensor, Tensor]:
+    """(dy, dt) (B, L): every token's offset from its curve's last context point (the one with
+    the largest t): dy = y - y_last for context tokens (0 for queries and padding, which carry
+    no value), dt = t - t_last for every token (<= 0 in the context, > 0 for a later query)."""
+    t_last, idx = t.masked_fill(~is_ctx, -1.0).max(-1, keepdim=True)  # (B, 1)
+    dy = torch.where(is_ctx, y - y.gather(1, idx), torch.zeros_like(y))
+    return dy, t - t_last
+
+
+def _signed_log(x: Tensor, unit: float) -> Tensor:
+    return torch.sign(x) * torch.log1p(x.abs() / unit)
+
+
 class PFN(nn.Module):
     """Tokens (t, y, is_ctx) -> bar-distribution logits for every token."""
 
@@ -166,6 +181,7 @@ class PFN(nn.Module):
         self.t_enc = _mlp(cfg.encoder_hidden, cfg.d_model)
         self.y_enc = _mlp(cfg.encoder_hidden, cfg.d_model)
         self.step_enc = _mlp(cfg.encoder_hidden, cfg.d_model, 2) if cfg.step_inputs else None
+        self.anchor_enc = _mlp(cfg.encoder_hidden, cfg.d_model, 3) if cfg.anchor_inputs else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.n_buckets)
@@ -176,10 +192,11 @@ class PFN(nn.Module):
         self.apply(self._init)
         if self.sharpen is not None:
             self.reset_sharpen()
-        if self.step_enc is not None:  # starts silent: a warm-started model answers as before
-            last = self.step_enc[-1]
-            assert isinstance(last, nn.Linear)
-            nn.init.zeros_(last.weight)
+        for enc in (self.step_enc, self.anchor_enc):  # start silent: a warm-started model
+            if enc is not None:  # answers as before
+                last = enc[-1]
+                assert isinstance(last, nn.Linear)
+                nn.init.zeros_(last.weight)
 
     def reset_sharpen(self) -> None:
         """tau = 1, pi = sigmoid(-2), zero weights: the mixture equals the plain head."""
@@ -199,16 +216,22 @@ class PFN(nn.Module):
         + with step inputs, enc(dy, dt) of the step from the previous context point. A step is
         what the noise level and the local slope are made of; from y alone the model has to
         pair up tokens by t through attention to see them. Measured (docs/model-card.md, *Step
-        inputs*): +0.023 log-likelihood at cutoff 10 for the same 192k curves of training."""
+        inputs*): +0.023 log-likelihood at cutoff 10 for the same 192k curves of training.
+        With anchor inputs, + enc(dy, dt, is_ctx) of the token's offset from the last context
+        point, on the same log scales: the end of the curve at the resolution of its noise,
+        which extrapolation from a quiet curve needs and enc(y) blurs."""
         y = torch.where(is_ctx, y, torch.zeros_like(y))  # queries and padding carry no value
-        ey = self.y_enc(y.unsqueeze(-1)) * is_ctx.unsqueeze(-1).to(t.dtype)
-        h = self.t_enc(t.unsqueeze(-1)) + ey  # (B, L, E)
-        if self.step_enc is None:
-            return h
-        dy, dt, has = context_steps(t, y, is_ctx)
-        x = torch.stack([torch.sign(dy) * torch.log1p(dy.abs() / DY_UNIT),
-                         torch.log1p(dt / DT_UNIT)], -1)  # (B, L, 2)
-        return h + STEP_GAIN * self.step_enc(x) * has.unsqueeze(-1).to(t.dtype)  # (B, L, E)
+        ctx = is_ctx.unsqueeze(-1).to(t.dtype)  # (B, L, 1)
+        h = self.t_enc(t.unsqueeze(-1)) + self.y_enc(y.unsqueeze(-1)) * ctx  # (B, L, E)
+        if self.step_enc is not None:
+            dy, dt, has = context_steps(t, y, is_ctx)
+            x = torch.stack([_signed_log(dy, DY_UNIT), torch.log1p(dt / DT_UNIT)], -1)  # (B, L, 2)
+            h = h + STEP_GAIN * self.step_enc(x) * has.unsqueeze(-1).to(t.dtype)
+        if self.anchor_enc is not None:
+            dy, dt = anchor_offsets(t, y, is_ctx)
+            x = torch.stack([_signed_log(dy, DY_UNIT), _signed_log(dt, DT_UNIT), ctx[..., 0]], -1)
+            h = h + STEP_GAIN * self.anchor_enc(x)  # (B, L, E)
+        return h
 
     def set_attention(self, fn: AttentionFn | None) -> None:
         """Route attention through ``fn`` in eval mode (e.g. ``serve.kernels``' fused kernel,

@@ -17,20 +17,21 @@ REAL_CURVES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 
 
 @pytest.fixture(params=[(False, False), (True, False), (True, True)],
-                ids=["plain", "sharpen", "steps"])
+                ids=["plain", "sharpen", "inputs"])
 def tiny_model(request: pytest.FixtureRequest) -> PFN:
     """A small random-weight PFN (seeded) for shape and semantics tests: plain, with the
-    sharpening head, and with the head and the step inputs (their zero-initialised output
-    layers given random weights, so that neither is the identity)."""
+    sharpening head, and with the head, the step inputs and the anchor inputs (their
+    zero-initialised output layers given random weights, so that none is the identity)."""
     torch.manual_seed(0)
     sharpen, steps = request.param
     cfg = PFNConfig(n_layers=2, d_model=32, n_heads=4, d_ff=64, n_buckets=50, encoder_hidden=16,
-                    sharpen_head=sharpen, step_inputs=steps)
+                    sharpen_head=sharpen, step_inputs=steps, anchor_inputs=steps)
     model = PFN(cfg, torch.linspace(-0.2, 1.2, 51)).eval()
     if model.sharpen is not None:
         torch.nn.init.normal_(model.sharpen.weight, std=0.1)
-    if model.step_enc is not None:
-        torch.nn.init.normal_(model.step_enc[-1].weight, std=0.3)
+    for enc in (model.step_enc, model.anchor_enc):
+        if enc is not None:
+            torch.nn.init.normal_(enc[-1].weight, std=0.3)
     return model
 
 

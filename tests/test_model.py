@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pfn import Curve, CurveError, Predictor
-from pfn.model import PFN, PFNConfig, context_steps, pfn_attention_mask
+from pfn.model import PFN, PFNConfig, anchor_offsets, context_steps, pfn_attention_mask
 
 
 def test_mask_rule():
@@ -82,6 +82,20 @@ def test_context_steps_follow_epochs_not_token_order():
     assert torch.allclose(dt, torch.tensor([[0.1, 0.0, 0.1, 0.0, 0.1, 0.0]]))
 
 
+def test_anchor_offsets_are_from_the_last_context_point_in_epochs():
+    """The anchor is the context point with the largest t, wherever it sits among the tokens;
+    queries and padding get dy = 0 and their signed distance in t."""
+    t = torch.tensor([[0.3, 0.1, 0.2, 0.5, 0.4, 0.05], [0.2, 0.9, 0.1, 0.0, 0.0, 0.0]])
+    y = torch.tensor([[3.0, 1.0, 2.0, 9.0, 4.5, 7.0], [2.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
+    is_ctx = torch.tensor([[True, True, True, False, True, False],
+                           [True, False, True, False, False, False]])
+    dy, dt = anchor_offsets(t, y, is_ctx)
+    assert torch.allclose(dy, torch.tensor([[-1.5, -3.5, -2.5, 0.0, 0.0, 0.0],
+                                            [0.0, 0.0, -1.0, 0.0, 0.0, 0.0]]))
+    assert torch.allclose(dt, torch.tensor([[-0.1, -0.3, -0.2, 0.1, 0.0, -0.35],
+                                            [0.0, 0.7, -0.1, -0.2, -0.2, -0.2]]))
+
+
 def test_answers_do_not_depend_on_context_order(tiny_model):
     """No positional encoding, and the step inputs find the previous point by epoch: shuffling
     the context tokens changes nothing."""
@@ -95,20 +109,22 @@ def test_answers_do_not_depend_on_context_order(tiny_model):
     assert torch.allclose(tiny_model.predict(t[:, perm], y[:, perm], m, q), ref, atol=1e-5)
 
 
-def test_step_inputs_start_silent_and_then_matter():
-    """The step encoder's output layer starts at zero (a warm-started model answers as its
-    source); once trained, a curve's wiggles change the answer."""
+@pytest.mark.parametrize("flag,enc", [("step_inputs", "step_enc"),
+                                      ("anchor_inputs", "anchor_enc")])
+def test_input_encoders_start_silent_and_then_matter(flag, enc):
+    """The step and anchor encoders' output layers start at zero (a warm-started model answers
+    as its source); once trained, they change the answer."""
     torch.manual_seed(1)
     base = PFNConfig(n_layers=1, d_model=16, n_heads=2, d_ff=32, n_buckets=20, encoder_hidden=8)
     plain = PFN(base, torch.linspace(0, 1, 21)).eval()
-    steps = PFN(PFNConfig(**{**base.to_dict(), "step_inputs": True}), plain.bar.borders).eval()
-    missing, _ = steps.load_state_dict(plain.state_dict(), strict=False)
-    assert missing and all(k.startswith("step_enc.") for k in missing)
+    grown = PFN(PFNConfig(**{**base.to_dict(), flag: True}), plain.bar.borders).eval()
+    missing, _ = grown.load_state_dict(plain.state_dict(), strict=False)
+    assert missing and all(k.startswith(enc + ".") for k in missing)
     t, y, m = _ctx(8)
     q = torch.tensor([[1.0]])
-    assert torch.equal(steps.predict(t, y, m, q), plain.predict(t, y, m, q))
-    torch.nn.init.normal_(steps.step_enc[-1].weight, std=0.3)
-    assert not torch.allclose(steps.predict(t, y, m, q), plain.predict(t, y, m, q), atol=1e-4)
+    assert torch.equal(grown.predict(t, y, m, q), plain.predict(t, y, m, q))
+    torch.nn.init.normal_(getattr(grown, enc)[-1].weight, std=0.3)
+    assert not torch.allclose(grown.predict(t, y, m, q), plain.predict(t, y, m, q), atol=1e-4)
 
 
 def test_config_validation():

@@ -78,8 +78,8 @@ def test_onnx_matches_eager(ort_runtime, default_model, model64, B, K, Q):
     assert err_ort <= max(2 * err_eager, 2e-4), (err_ort, err_eager)
 
 
-def test_onnx_matches_eager_with_step_inputs(tiny_model, tmp_path):
-    """The step inputs (found by comparing epochs, with a masked max and a gather) export
+def test_onnx_matches_eager_with_step_and_anchor_inputs(tiny_model, tmp_path):
+    """The step and anchor inputs (found by comparing epochs, with masked maxima and gathers) export
     with dynamic shapes and answer as eager does at several shapes from one export (the
     other tiny models ride along)."""
     runtime = OnnxRuntime(export.export_onnx(tiny_model, tmp_path / "tiny.onnx"), threads=1)
