@@ -3,9 +3,9 @@
 #   CPU (default, slim):  docker build -t curvecast .
 #   CUDA:                 docker build --build-arg VARIANT=cuda -t curvecast:cuda .
 #   run:                  docker run -p 8000:8000 curvecast      (then GET /readyz)
-# The image serves the embedded default model; its ONNX export is made at build time (next to
-# the weights, keyed by their sha256), so containers start in seconds and need no writable
-# package directory. Settings: CURVECAST_* environment variables (docs/serving.md).
+# The image serves the embedded default model (and stage4 behind /v1/early-stop); their ONNX
+# exports are made at build time (next to the weights, keyed by their sha256), so containers
+# start in seconds and need no writable package directory. Settings: CURVECAST_* environment variables (docs/serving.md).
 ARG VARIANT=cpu
 
 # --- where Python comes from ---------------------------------------------------------------------
@@ -36,7 +36,8 @@ RUN if [ "$VARIANT" = "cuda" ]; then \
       pip install "torch>=2.13,<2.14" --index-url https://download.pytorch.org/whl/cpu \
       && pip install .; \
     fi \
- && curvecast export-onnx --model default
+ && curvecast export-onnx --model default \
+ && curvecast export-onnx --model stage4
 
 # --- runtime: non-root, no compilers, no sources ---------------------------------------------------
 FROM base-${VARIANT} AS runtime

@@ -99,6 +99,7 @@ from pfn.early_stop import (  # noqa: E402
     expected_gain,
     is_rung,
 )
+from pfn.io import DECISION_MODEL  # noqa: E402
 from pfn.predictor import Posterior  # noqa: E402
 
 BUDGET_RUNS = 20  # the budget, in full runs
@@ -1074,7 +1075,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-checked", type=int, default=BENCH_CHECKED_EPOCHS,
                     help="remaining epochs checked per curvecast decision (the API checks "
                     f"{MAX_CHECKED_EPOCHS})")
-    ap.add_argument("--model", default=None, help="model name or directory (default: embedded)")
+    ap.add_argument("--model", default=DECISION_MODEL,
+                    help=f"model name or directory (default: {DECISION_MODEL}, the embedded "
+                    "model for decisions)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     a = ap.parse_args(argv)
     if a.render:

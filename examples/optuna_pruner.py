@@ -6,12 +6,12 @@
 
 A small MLP is trained on a synthetic classification task; each trial tries a learning rate and
 a width, reports validation accuracy after every epoch, and asks the pruner whether to go on.
-The pruner runs the embedded model in-process. To use a curvecast server instead, pass any
-client object with an ``early_stop(curves, incumbents, rule=...)`` method as the backend:
-``CurvecastPruner(horizon, backend=client)`` (see ``pfn.hpo``). With ``--budget-runs R`` the
-study may spend R full runs' worth of epochs on its trials (``Budget(n_trials, R x epochs)``):
-the pruner then weighs what a stop saves against the untried trials (docs/early-stopping.md),
-and the study ends when the budget is spent.
+The pruner runs the embedded model for decisions (``stage4``) in-process. To use a curvecast
+server instead, pass any client object with an ``early_stop(curves, incumbents, rule=...)``
+method as the backend: ``CurvecastPruner(horizon, backend=client)`` (see ``pfn.hpo``). With
+``--budget-runs R`` the study may spend R full runs' worth of epochs on its trials
+(``Budget(n_trials, R x epochs)``): the pruner then weighs what a stop saves against the
+untried trials (docs/early-stopping.md), and the study ends when the budget is spent.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     from pfn import Predictor, Curve
     from pfn.early_stop import StopRule, decide
-    pred = Predictor.load()
+    pred = Predictor.load("stage4")   # pfn.io.DECISION_MODEL, the default for decisions
     d = decide(pred, [Curve([1, 2, 3], [0.31, 0.42, 0.47], horizon=50, bounds=(0, 1))],
                incumbents=[0.83])[0]
     d.stop, d.prob_improve, d.final_mean, d.final_quantiles

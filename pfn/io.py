@@ -20,7 +20,10 @@ from pfn.errors import ModelNotFoundError, WeightsIntegrityError
 from pfn.model import PFN, PFNConfig
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_MODEL = "default"
+DEFAULT_MODEL = "default"  # predictions: the best posteriors (grow4, docs/model-card.md)
+# Early-stopping decisions (pfn.early_stop, pfn.hpo, the server's /v1/early-stop): stage 4, the
+# model whose rankings do best in the replay on real curves (docs/early-stopping.md).
+DECISION_MODEL = "stage4"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -121,6 +124,7 @@ def load_model(name_or_path: str | Path | None = None) -> tuple[PFN, dict[str, A
 
 __all__ = [
     "CONFIG_FILE",
+    "DECISION_MODEL",
     "DEFAULT_MODEL",
     "WEIGHTS_DIR",
     "WEIGHTS_FILE",

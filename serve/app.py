@@ -1,11 +1,13 @@
 """The FastAPI app: thin routes over ``serve.service`` and ``serve.batching``.
 
 Start-up (``lifespan``): the weights are loaded and their sha256 verified first — a mismatch
-stops the server from starting. The runtime (ONNX export or cache, parity check against eager
-torch, warm-up) is then prepared on the inference thread while the server already answers
-``/healthz``; ``/readyz`` turns 200 when it is done. Shutdown: uvicorn stops accepting
-connections and lets in-flight requests finish (``graceful_timeout_s``); then the batcher
-drains its queue and the inference thread stops.
+stops the server from starting. Two models when ``early_stop_model`` names another one than
+``model`` (the default: ``default`` for predictions, ``stage4`` for ``/v1/early-stop``); both
+are verified, and ``/readyz`` waits for both. The runtime (ONNX export or cache, parity check
+against eager torch, warm-up) is then prepared on the inference thread while the server
+already answers ``/healthz``; ``/readyz`` turns 200 when it is done. Shutdown: uvicorn stops
+accepting connections and lets in-flight requests finish (``graceful_timeout_s``); then the
+batcher drains its queue and the inference thread stops.
 
 Errors have one JSON shape, ``{"error": {"type", "message", "field"}}``: a ``CurvecastError``
 becomes its 4xx/503 status, pydantic validation 422 (naming ``curves[i].field``), anything else
@@ -237,6 +239,9 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         log.warning("ignoring unknown setting %s (not a curvecast serve setting)", name)
     metrics = Metrics()
     service = ModelService(settings)
+    es_settings = settings.early_stop_settings()
+    # the model behind /v1/early-stop (settings.early_stop_model; the served one when equal)
+    es_service = ModelService(es_settings) if es_settings is not None else service
     stats = BatchStats(on_batch=metrics.on_batch, on_queue=metrics.queue_depth.set,
                        on_reject=metrics.rejected.inc)
     batcher = MicroBatcher(service.run_predict_batch, max_batch_size=settings.max_batch_size,
@@ -249,15 +254,29 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             service.load()  # sha256 verified here: a mismatch stops the start-up
+            if es_service is not service:
+                es_service.load()
         except CurvecastError as e:
             log.critical("refusing to start: %s", e)
             raise
-        assert service.predictor is not None
+        assert service.predictor is not None and es_service.predictor is not None
         metrics.model.info({"name": service.name, "sha256": service.predictor.sha256,
-                            "model": settings.model})
+                            "model": settings.model,
+                            "early_stop_sha256": es_service.predictor.sha256,
+                            "early_stop_model": settings.early_stop_model})
         batcher.start()
         loop = asyncio.get_running_loop()
-        prep = loop.run_in_executor(batcher.executor, service.prepare)
+
+        def prepare_all() -> None:  # the early-stop model first: `ready` means both are
+            if es_service is not service:
+                try:
+                    es_service.prepare()
+                except Exception:
+                    service.error = f"early-stop model: {es_service.error}"
+                    raise
+            service.prepare()
+
+        prep = loop.run_in_executor(batcher.executor, prepare_all)
 
         def prepared(f: asyncio.Future[None]) -> None:
             if not f.cancelled() and f.exception() is None:
@@ -280,6 +299,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.service = service
+    app.state.early_stop_service = es_service
     app.state.batcher = batcher
     app.state.metrics = metrics
     app.add_middleware(Guard, settings=settings, metrics=metrics, batcher=batcher)
@@ -384,8 +404,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         curves, _ = to_curves(req.curves, [])
         service.check_limits(curves)
         rule = es.rule_from_dict(req.rule.model_dump(exclude_none=True))
-        assert service.predictor is not None
-        pred = service.predictor
+        assert es_service.predictor is not None
+        pred = es_service.predictor
         incumbents = list(req.incumbents)
         quantiles = list(req.quantiles)
         size = sum(es.MAX_CHECKED_EPOCHS if c.query_epochs is None else len(c.query_epochs) + 1
@@ -393,7 +413,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         decisions = await batcher.call(
             lambda: es.decide(pred, curves, incumbents, rule=rule, quantiles=quantiles), size)
         return _json({"decisions": [es.decision_to_dict(d) for d in decisions],
-                      "model": service.model_ref()})
+                      "model": es_service.model_ref()})
 
     # --- operations ---------------------------------------------------------------------------
 

@@ -39,10 +39,11 @@ def _prepare_model(s: ServeSettings) -> None:
     from serve.runtime import resolve_kind
 
     try:
-        model_dir = resolve_model_dir(s.model)
-        model, cfg = load_model(model_dir)
-        if resolve_kind(s.runtime) == "onnx":
-            ensure_onnx(model, model_dir, str(cfg["sha256"]), s.onnx_cache_dir, s.quantize)
+        for name in (s.model, (s.early_stop_settings() or s).model):
+            model_dir = resolve_model_dir(name)
+            model, cfg = load_model(model_dir)
+            if resolve_kind(s.runtime) == "onnx":
+                ensure_onnx(model, model_dir, str(cfg["sha256"]), s.onnx_cache_dir, s.quantize)
     except (CurvecastError, OSError) as e:
         typer.echo(f"error: refusing to start: {e}", err=True)
         raise typer.Exit(2) from e
@@ -57,6 +58,8 @@ def serve_command(
                                               help="shipped model name or model directory")
                      ] = None,
     model_name: Annotated[str | None, typer.Option(help="name served under [curvecast]")] = None,
+    early_stop_model: Annotated[str | None, typer.Option(
+        help="model behind /v1/early-stop: name, directory or 'served' [stage4]")] = None,
     runtime: Annotated[str | None, typer.Option(
         help="auto | onnx | torch | torch-triton [auto: onnx on CPU]")] = None,
     quantize: Annotated[bool | None, typer.Option(help="onnx int8 (see docs/serving.md)")
@@ -81,7 +84,8 @@ def serve_command(
 ) -> None:
     """Serve the model over HTTP (see docs/serving.md; every option has a CURVECAST_ variable)."""
     s = _settings(host=host, port=port, workers=workers, model=model, model_name=model_name,
-                  runtime=runtime, quantize=quantize, threads=threads, batching=batching,
+                  early_stop_model=early_stop_model, runtime=runtime, quantize=quantize,
+                  threads=threads, batching=batching,
                   max_batch_size=max_batch_size, max_wait_us=max_wait_us,
                   max_queue_size=max_queue_size, max_curves_per_request=max_curves_per_request,
                   max_points_per_curve=max_points_per_curve, max_body_bytes=max_body_bytes,

@@ -37,6 +37,11 @@ class ServeSettings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes")
     model: str = Field(default="default", min_length=1,
                        description="shipped model name or model directory")
+    early_stop_model: str = Field(
+        default="stage4", min_length=1,
+        description="model behind /v1/early-stop: shipped name or model directory, or "
+        "'served' for the served model (default: stage4, pfn.io.DECISION_MODEL, whose "
+        "rankings do best in the early-stopping replay)")
     model_name: str = Field(default="curvecast", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
                             description="name the model is served under (/v2/models/{name})")
     runtime: RuntimeKind = Field(default="auto",
@@ -91,6 +96,13 @@ class ServeSettings(BaseSettings):
         if self.api_key is not None and len(self.api_key.get_secret_value()) < 16:
             raise ValueError("api_key: use at least 16 characters (e.g. `openssl rand -hex 32`)")
         return self
+
+    def early_stop_settings(self) -> ServeSettings | None:
+        """These settings for the /v1/early-stop model; None when that is the served model."""
+        if self.early_stop_model in ("served", self.model):
+            return None
+        return self.model_copy(update={"model": self.early_stop_model,
+                                       "model_name": f"{self.model_name}-early-stop"[:64]})
 
     @property
     def n_threads(self) -> int:

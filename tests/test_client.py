@@ -166,8 +166,13 @@ def _local(c: Curve):
     return LocalCurve(c.epochs, c.values, c.horizon, c.query_epochs, c.direction, c.bounds)
 
 
-def test_early_stop_through_the_client(server, local):
+def test_early_stop_through_the_client(server):
+    """The server's /v1/early-stop runs the model for decisions (pfn.io.DECISION_MODEL)."""
     from pfn.early_stop import StopRule, decide
+    from pfn.io import DECISION_MODEL
+    from pfn.predictor import Predictor
+
+    local = Predictor.load(DECISION_MODEL)
 
     curves = [Curve([1, 2, 3], [0.1, 0.12, 0.13], horizon=50, bounds=(0, 1)),
               Curve([1, 2, 3], [0.5, 0.7, 0.78], horizon=20)]

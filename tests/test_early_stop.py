@@ -37,13 +37,14 @@ from pfn.early_stop import (
     rule_from_dict,
     rule_to_dict,
 )
+from pfn.io import DECISION_MODEL
 
 
 @pytest.fixture(scope="module")
 def pred() -> Iterator[Predictor]:
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # small batches: one thread beats two on a shared CPU
-    yield Predictor.load()
+    yield Predictor.load(DECISION_MODEL)  # the model decisions use by default
     torch.set_num_threads(n)
 
 

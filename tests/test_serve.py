@@ -329,6 +329,12 @@ def test_corrupted_weights_refuse_to_start(tmp_path):
     assert "does not match" in r.output
 
 
+def test_unknown_early_stop_model_refuses_to_start():
+    r = CliRunner().invoke(_cli(), ["serve", "--early-stop-model", "nope", "--port", "1"])
+    assert r.exit_code == 2 and "refusing to start" in r.output
+    assert "'nope'" in r.output and "stage4" in r.output  # the shipped models are listed
+
+
 def test_corrupted_weights_stop_the_app_start_up_too(tmp_path, caplog):
     """Without the CLI (uvicorn on the app factory) the lifespan refuses as well."""
     import asyncio
@@ -346,6 +352,18 @@ def test_corrupted_weights_stop_the_app_start_up_too(tmp_path, caplog):
     with pytest.raises(WeightsIntegrityError, match="sha256"):
         asyncio.run(start())
     assert "refusing to start" in caplog.text
+
+
+def test_early_stop_model_setting():
+    """The early-stop model is a second model only when it names another one."""
+    from serve.settings import ServeSettings
+
+    es = ServeSettings().early_stop_settings()
+    assert es is not None and es.model == "stage4" and es.model_name == "curvecast-early-stop"
+    assert ServeSettings(early_stop_model="served").early_stop_settings() is None
+    assert ServeSettings(model="stage4").early_stop_settings() is None
+    other = ServeSettings(model="slowstart", model_name="m").early_stop_settings()
+    assert other is not None and other.model == "stage4" and other.port == 8000
 
 
 def test_invalid_settings_fail_fast(monkeypatch):
@@ -376,7 +394,13 @@ def _cli():
 
 
 def test_early_stop_matches_in_process_decisions(http, local):
+    """/v1/early-stop answers with the model for decisions (stage4, pfn.io.DECISION_MODEL), not
+    the served default, exactly as that model does in process."""
     from pfn.early_stop import early_stop_json
+    from pfn.io import DECISION_MODEL
+
+    decider = Predictor.load(DECISION_MODEL)
+    assert decider.sha256 != local.sha256
 
     req = {"curves": [{"epochs": [1, 2, 3], "values": [0.1, 0.12, 0.13], "horizon": 50,
                        "bounds": [0, 1]},
@@ -387,7 +411,9 @@ def test_early_stop_matches_in_process_decisions(http, local):
            "rule": {"kind": "final_epoch", "delta": 0.1, "min_epochs": 2, "min_delta": 0.01}}
     r = http.post("/v1/early-stop", json=req)
     assert r.status_code == 200, r.text
-    got, want = r.json()["decisions"], early_stop_json(local, req)["decisions"]
+    got, want = r.json()["decisions"], early_stop_json(decider, req)["decisions"]
+    assert r.json()["model"]["sha256"] == decider.sha256
+    assert r.json()["model"]["name"] == "curvecast-early-stop"
     assert [d["stop"] for d in got] == [d["stop"] for d in want]
     assert got[1]["expected_improvement"] is None and got[1]["stop"] is False
     for g, w in zip(got, want, strict=True):

@@ -2,7 +2,9 @@
 
 Both take a *backend* that makes the decisions:
 
-* ``None`` (default): the embedded default model, loaded in-process on first use;
+* ``None`` (default): the embedded model for decisions, ``pfn.io.DECISION_MODEL`` (``"stage4"``:
+  its rankings do best in the early-stopping replay; the default model for predictions,
+  ``"default"``, has the better posteriors), loaded in-process on first use;
 * a shipped model's name (e.g. ``"slowstart"``) or a model directory: that model, in-process,
   loaded on first use (the name is checked at construction);
 * a ``pfn.Predictor`` (anything with ``posterior_all``): in-process, ``pfn.early_stop.decide``;
@@ -38,7 +40,7 @@ from pfn.early_stop import (
     final_score,
 )
 from pfn.errors import CurvecastError
-from pfn.io import resolve_model_dir
+from pfn.io import DECISION_MODEL, resolve_model_dir
 from pfn.predictor import Curve, Predictor
 
 IncumbentMode = Literal["completed", "observed"]
@@ -56,7 +58,7 @@ class Decider:
     def __init__(self, backend: Any = None, rule: StopRule = StopRule(),
                  quantiles: Sequence[float] = DEFAULT_QUANTILES, calibrate: bool = True,
                  keep_levels: Sequence[float] = ()) -> None:
-        self._model: str | None = None  # a shipped model name or directory, loaded lazily
+        self._model = DECISION_MODEL  # a shipped model name or directory, loaded lazily
         if isinstance(backend, (str, Path)):
             resolve_model_dir(backend)  # fail fast: the error lists the shipped models
             self._model, backend = str(backend), None
