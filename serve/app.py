@@ -364,8 +364,13 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
 
     @app.get("/v1/models", response_model=P.ModelsResponse, responses=_errs(401), tags=["v1"])
     async def models() -> Response:
-        """The served model: name, weights sha256, config and runtime."""
-        return _json({"models": [service.model_card()]})
+        """The served model (and the early-stop model when it is another one): name, weights
+        sha256, config, runtime and the routes it answers."""
+        served = ["/v1/predict", "/v1/plot", f"/v2/models/{service.name}"]
+        if es_service is service:
+            return _json({"models": [service.model_card([*served, "/v1/early-stop"])]})
+        return _json({"models": [service.model_card(served),
+                                 es_service.model_card(["/v1/early-stop"])]})
 
     @app.post("/v1/plot", responses={200: {"content": {"image/png": {}},
                                            "description": "fan chart PNG"},

@@ -151,6 +151,7 @@ class ModelCard(BaseModel):
     config: dict[str, Any]
     runtime: dict[str, Any]
     ready: bool
+    routes: list[str] = Field(description="the routes this model answers")
 
 
 class ModelsResponse(BaseModel):

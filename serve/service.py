@@ -176,14 +176,15 @@ class ModelService:
         assert self.predictor is not None
         return {"name": self.name, "sha256": self.predictor.sha256, "runtime": self.runtime_name}
 
-    def model_card(self) -> dict[str, Any]:
+    def model_card(self, routes: Sequence[str]) -> dict[str, Any]:
         assert self.predictor is not None
         rt: dict[str, Any] = (self.runtime.describe() if self.runtime is not None
                               else {"name": "loading"})
         if self.parity is not None:
             rt["parity_max_abs_logit_diff"] = self.parity
         return {"name": self.name, "sha256": self.predictor.sha256,
-                "config": self.predictor.config, "runtime": rt, "ready": self.ready.is_set()}
+                "config": self.predictor.config, "runtime": rt, "ready": self.ready.is_set(),
+                "routes": list(routes)}
 
     def check_limits(self, curves: Sequence[Curve]) -> None:
         s = self.settings

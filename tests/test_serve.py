@@ -191,7 +191,11 @@ def test_points_limit_is_enforced_below_the_body_limit(http):
 def test_health_ready_models_metrics(http, local):
     assert http.get("/healthz").json()["status"] == "ok"
     assert http.get("/readyz").json() == {"status": "ready", "detail": "onnx"}
-    m = http.get("/v1/models").json()["models"][0]
+    served, early = http.get("/v1/models").json()["models"]
+    assert early["name"] == "curvecast-early-stop" and early["routes"] == ["/v1/early-stop"]
+    assert early["config"]["sha256"] != local.sha256 and early["ready"] is True
+    m = served
+    assert "/v1/predict" in m["routes"] and "/v1/early-stop" not in m["routes"]
     assert m["sha256"] == local.sha256 and m["ready"] is True
     assert m["runtime"]["name"] == "onnx"
     assert m["runtime"]["providers"] == ["CPUExecutionProvider"]
