@@ -54,6 +54,10 @@ class CurvePrior:
     # their first value for t0 epochs, then follow the curve, f'(t) = f(max(1, t - t0)); 0 is
     # the paper's prior (and draws nothing extra: its streams are unchanged)
     delay_max: float = 0.5  # longest delay t0 as a share of n_epochs (t0 ~ U{0..delay_max m})
+    converge_prob: float = 0.0  # share of curves that converge early (as runs under a decaying
+    # learning rate do): the whole curve compressed into its first s m epochs, flat at f(m)
+    # after, f'(t) = f(min(m, 1 + (t - 1) / s)); 0 is the paper's prior (nothing extra drawn)
+    converge_min: float = 0.5  # smallest compression s (s ~ U(converge_min, 1))
     _accept_guess: float = field(default=0.2, repr=False)  # first proposal-size estimate
 
     def __post_init__(self) -> None:
@@ -68,11 +72,16 @@ class CurvePrior:
             raise ValueError(f"delay_prob: must be in [0, 1], got {self.delay_prob}")
         if not 0.0 <= self.delay_max < 1.0:
             raise ValueError(f"delay_max: must be in [0, 1), got {self.delay_max}")
+        if not 0.0 <= self.converge_prob <= 1.0:
+            raise ValueError(f"converge_prob: must be in [0, 1], got {self.converge_prob}")
+        if not 0.0 < self.converge_min <= 1.0:
+            raise ValueError(f"converge_min: must be in (0, 1], got {self.converge_min}")
 
     @property
     def name(self) -> str:
         base = "lcpfn" if self.components == LCPFN_COMPONENTS else "+".join(self.components)
-        return base + (f"-slowstart{self.delay_prob:g}" if self.delay_prob else "")
+        return (base + (f"-converge{self.converge_prob:g}" if self.converge_prob else "")
+                + (f"-slowstart{self.delay_prob:g}" if self.delay_prob else ""))
 
     def _draws(self, n: int, g: torch.Generator, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """n proposals as standard draws: u (n, K + #uniform params) ~ U(0,1) (the weights
@@ -125,6 +134,8 @@ class CurvePrior:
         for _, _, fk in self._accepted(n, generator, torch.float32):
             f[got : got + fk.shape[0]] = fk
             got += fk.shape[0]
+        if self.converge_prob > 0:
+            f = self._converge(f, generator)
         if self.delay_prob > 0:
             f = self._delay(f, generator)
         z = torch.randn(n, generator=generator)
@@ -132,6 +143,19 @@ class CurvePrior:
         y = torch.randn(n, m, generator=generator).mul_(sigma[:, None]).add_(f)
         x = torch.arange(1, m + 1, dtype=torch.float32)
         return CurveBatch(x=x, y=y, f=f, sigma=sigma)
+
+    def _converge(self, f: Tensor, g: torch.Generator) -> Tensor:
+        """Early convergence: a ``converge_prob`` share of the curves f (n, m) run their whole
+        course in the first s m epochs, s ~ U(converge_min, 1), and stay at f(m) after (linear
+        interpolation between epochs). End points, range and monotone stretches are kept."""
+        n, m = f.shape
+        u = torch.rand(n, 2, generator=g)
+        s = self.converge_min + (1.0 - self.converge_min) * u[:, 1]
+        s = torch.where(u[:, 0] < self.converge_prob, s, torch.ones_like(s))  # (n,)
+        tau = (torch.arange(m)[None, :] / s[:, None]).clamp_(max=m - 1)  # (n, m) source epoch - 1
+        lo = tau.floor().long().clamp_(max=m - 2)
+        frac = tau - lo
+        return torch.lerp(f.gather(1, lo), f.gather(1, lo + 1), frac)
 
     def _delay(self, f: Tensor, g: torch.Generator) -> Tensor:
         """Slow starts: a ``delay_prob`` share of the curves f (n, m) shifted right by t0 ~
@@ -153,9 +177,10 @@ class CurvePrior:
         of (n, 1) parameters, float64; same proposals and rules as :meth:`sample`, but its own
         draws (it does not reproduce ``sample``'s curves). Used to start MCMC chains. Not for
         slow starts (``delay_prob > 0``), which the parametric likelihood does not model."""
-        if self.delay_prob:
+        if self.delay_prob or self.converge_prob:
             raise ValueError("sample_params: the MCMC reference models the parametric curves "
-                             f"only; use a prior with delay_prob=0 (got {self.delay_prob})")
+                             f"only; use a prior with delay_prob=0 and converge_prob=0 (got "
+                             f"{self.delay_prob}, {self.converge_prob})")
         rounds = list(self._accepted(n, generator, torch.float64))
         if not rounds:
             return _from_draws(self.components, *self._draws(0, generator, torch.float64))
@@ -238,18 +263,22 @@ PRIORS: dict[str, CurvePrior] = {
 
 def get_prior(name: str) -> CurvePrior:
     """A registered prior by name (``lcpfn``, ``domhan``, ``lcpfn-slowstart[0.05]``), a
-    ``+``-joined list of bases, or either with ``-slowstart<p>`` (slow starters with
-    probability p): every ``CurvePrior.name`` (what a model's config records) resolves."""
+    ``+``-joined list of bases, or either with ``-converge<p>`` (early convergence with
+    probability p) and/or then ``-slowstart<p>`` (slow starters): every ``CurvePrior.name``
+    (what a model's config records) resolves."""
     if name in PRIORS:
         return PRIORS[name]
-    base, sep, p = name.rpartition("-slowstart")
-    if sep and base and not base.endswith("-slowstart"):
-        try:
-            delay = float(p)
-        except ValueError:
-            delay = math.nan
-        if 0.0 < delay <= 1.0:
-            return replace(get_prior(base), delay_prob=delay)
+    for suffix, key in (("-slowstart", "delay_prob"), ("-converge", "converge_prob")):
+        base, sep, p = name.rpartition(suffix)
+        if sep and base and not base.endswith(suffix):
+            try:
+                prob = float(p)
+            except ValueError:
+                prob = math.nan
+            if 0.0 < prob <= 1.0:
+                src = get_prior(base)
+                return (replace(src, delay_prob=prob) if key == "delay_prob"
+                        else replace(src, converge_prob=prob))
     comps = tuple(name.split("+"))
     if all(c in BASES for c in comps):
         return CurvePrior(components=comps)

@@ -124,6 +124,49 @@ def test_slow_start_share_and_registry():
         p.sample_params(3, g)
 
 
+@given(m=st.integers(3, 120), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=15, deadline=None)
+def test_early_convergence_compresses_prior_curves(m, seed):
+    """Every curve of the converge prior is a prior curve (the same proposals) run faster:
+    the same end points, values inside its own range, and a final plateau at f(m) at least as
+    long as the original's."""
+    n = 200
+    plain = CurvePrior(n_epochs=m).sample(n, torch.Generator().manual_seed(seed)).f
+    b = CurvePrior(n_epochs=m, converge_prob=0.5).sample(n, torch.Generator().manual_seed(seed))
+    again = CurvePrior(n_epochs=m, converge_prob=0.5).sample(n, torch.Generator().manual_seed(seed))
+    assert torch.equal(b.y, again.y) and b.y.shape == (n, m) and bool(torch.isfinite(b.y).all())
+    f = b.f
+    assert torch.allclose(f[:, 0], plain[:, 0]) and torch.allclose(f[:, -1], plain[:, -1])
+    lo, hi = plain.min(1).values, plain.max(1).values
+    assert bool((f >= lo[:, None] - 1e-6).all() and (f <= hi[:, None] + 1e-6).all())
+
+    def plateau(c: torch.Tensor) -> torch.Tensor:  # (n,) trailing epochs equal to the last one
+        off = ((c - c[:, -1:]).abs() > 1e-7).flip(1)
+        none = torch.full_like(off[:, 0], m, dtype=torch.long)  # flat throughout
+        return torch.where(off.any(1), off.int().argmax(1), none)
+
+    assert bool((plateau(f) >= plateau(plain)).all())
+
+
+def test_early_convergence_share_and_registry():
+    p = get_prior("lcpfn-converge0.3")
+    assert p.converge_prob == 0.3 and p.name == "lcpfn-converge0.3"
+    f = p.sample(4000, torch.Generator().manual_seed(3)).f
+    plain = CurvePrior().sample(4000, torch.Generator().manual_seed(3)).f
+    moved = ((f - plain).abs().amax(1) > 1e-6).float().mean()
+    assert 0.26 < float(moved) < 0.32  # 0.3, minus s within a hair of 1
+    tail = (f[:, -10:] - f[:, -1:]).abs().amax(1) < 1e-7  # flat for the last 10 epochs
+    assert 0.20 < float(tail.float().mean()) < 0.27  # 0.3 * P(s < 0.9) = 0.24
+    both = get_prior("lcpfn-converge0.3-slowstart0.2")
+    assert (both.converge_prob, both.delay_prob) == (0.3, 0.2)
+    with pytest.raises(ValueError, match="converge_prob"):
+        CurvePrior(converge_prob=-0.1)
+    with pytest.raises(ValueError, match="converge_min"):
+        CurvePrior(converge_min=0.0)
+    with pytest.raises(ValueError, match="MCMC"):
+        p.sample_params(3, torch.Generator().manual_seed(0))
+
+
 def test_cutoffs_per_curve():
     c = sample_cutoffs(5000, 100, torch.Generator().manual_seed(0))
     assert int(c.min()) == 1 and int(c.max()) == 99 and len(torch.unique(c)) == 99
@@ -155,12 +198,14 @@ def test_cutoffs_log_share_moves_mass_to_few_epochs():
 
 
 @pytest.mark.parametrize("prior", [*PRIORS.values(), CurvePrior(components=("pow3", "vap"),
-                                                                 delay_prob=0.3)],
+                                                                 delay_prob=0.3),
+                                   CurvePrior(converge_prob=0.25, delay_prob=0.1)],
                          ids=lambda p: p.name)
 def test_every_prior_name_resolves_to_that_prior(prior):
     """A model's config records ``prior.name``; ``get_prior`` must give that prior back
     (`curvecast refit-tails` fits on it)."""
     assert get_prior(prior.name) == prior
-    for bad in ("lcpfn-slowstart0", "lcpfn-slowstart2", "lcpfn-slowstartx", "nope-slowstart0.2"):
+    for bad in ("lcpfn-slowstart0", "lcpfn-slowstart2", "lcpfn-slowstartx", "nope-slowstart0.2",
+                "lcpfn-converge0", "lcpfn-converge1.5", "nope-converge0.2"):
         with pytest.raises(ValueError, match="unknown name"):
             get_prior(bad)
