@@ -5,7 +5,8 @@
 #   run:                  docker run -p 8000:8000 curvecast      (then GET /readyz)
 # The image serves the embedded default model (and stage4 behind /v1/early-stop); their ONNX
 # exports are made at build time (next to the weights, keyed by their sha256), so containers
-# start in seconds and need no writable package directory. Settings: CURVECAST_* environment variables (docs/serving.md).
+# start in seconds and need no writable package directory. Settings: CURVECAST_* environment
+# variables (docs/serving.md).
 ARG VARIANT=cpu
 
 # --- where Python comes from ---------------------------------------------------------------------

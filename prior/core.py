@@ -176,7 +176,8 @@ class CurvePrior:
         """``n`` accepted parameter sets (no noise): weights (n, K) and, per component, a dict
         of (n, 1) parameters, float64; same proposals and rules as :meth:`sample`, but its own
         draws (it does not reproduce ``sample``'s curves). Used to start MCMC chains. Not for
-        slow starts (``delay_prob > 0``), which the parametric likelihood does not model."""
+        slow starts or early convergence (``delay_prob``, ``converge_prob`` > 0), which the
+        parametric likelihood does not model."""
         if self.delay_prob or self.converge_prob:
             raise ValueError("sample_params: the MCMC reference models the parametric curves "
                              f"only; use a prior with delay_prob=0 and converge_prob=0 (got "

@@ -39,7 +39,7 @@ def _prepare_model(s: ServeSettings) -> None:
     from serve.runtime import resolve_kind
 
     try:
-        for name in (s.model, (s.early_stop_settings() or s).model):
+        for name in dict.fromkeys([s.model, (s.early_stop_settings() or s).model]):  # once each
             model_dir = resolve_model_dir(name)
             model, cfg = load_model(model_dir)
             if resolve_kind(s.runtime) == "onnx":
