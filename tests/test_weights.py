@@ -120,8 +120,8 @@ def test_a_higher_first_value_never_lowers_the_predicted_final(name: str, pred: 
 def test_a_saturated_curve_is_not_predicted_to_collapse(name: str, pred: Predictor) -> None:
     """40 of 50 epochs of smooth, saturating runs ending near 0.81 (a NAS-Bench-NLP shape):
     the final epoch's median stays at the level reached. grow4b (the default trained on for
-    1.15M more curves, sixteenth session; not shipped) put it at 0.07 for the logarithmic
-    one, and at 0.11 for a real run of this shape."""
+    1.15M more curves, sixteenth session; not shipped) put the median at 0.07 for the
+    logarithmic one, and the mean at 0.11 for a real run of this shape."""
     model = pred if name == "default" else Predictor.load(name)
     t = np.arange(1, 41, dtype=float)
     shapes = [0.83 - 0.175 * t ** -0.55, 0.81 - 0.16 * np.exp(-t / 6),
