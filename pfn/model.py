@@ -23,6 +23,21 @@ distribution with a tempered copy of itself, so the model can sharpen a peak (ta
 is sure and keep the plain head's tails everywhere. Initialised to a = 0 (tau = 1) and zero
 weights, the mixture equals the plain head, so a trained model can be warm-started with it.
 Its outputs are normalised log-probabilities: valid logits for everything downstream.
+
+The Gaussian head (``PFNConfig.gauss_head``). Late in a quiet curve the true predictive is
+close to a Gaussian (the noise around a curve that is nearly pinned down), and the bar
+distribution's shape there is rougher and heavier-shouldered than that: on held-out prior curves
+a Gaussian with the bar distribution's own median and 15.9-84.1% half-spread scored +0.008 at
+cutoff 80 over the bar distribution itself (docs/model-card.md, *The Gaussian head*). The head
+is a small MLP per query with two outputs, a weight w = sigmoid(a + GAUSS_LOGIT0) and a width
+factor s = exp(b); the output mixes the bar distribution with that Gaussian, widened by s, put
+into the same buckets:
+
+    p'_i = (1 - w) p_i + w (Phi((b_{i+1} - median) / (s sd)) - Phi((b_i - median) / (s sd)))
+
+so the output is still a bar distribution over the same borders (everything downstream, the
+ONNX graph and the kernels included, is unchanged). Zero-initialised, it starts at w = 0.047,
+s = 1. It is trained on a frozen body (``TrainConfig.trainable = "gauss"``).
 """
 
 from __future__ import annotations
@@ -50,6 +65,15 @@ DY_UNIT, DT_UNIT = 1e-3, 1e-2
 # the step encoder's output is multiplied by this gain, like the sharpening head's (its last
 # layer starts at zero and must grow while the body is already trained); the anchor encoder's too
 STEP_GAIN = 4.0
+# the Gaussian head: its weight's logit offset (w = sigmoid(-3) = 0.047 at a zero output), the
+# quantiles whose half-distance is the Gaussian's sd before the width factor (+-1 sd of a
+# normal), the floor of that sd (a tenth of the narrowest bucket the prior's borders have near
+# 1 is ~1e-5) and the hidden width of its MLP
+GAUSS_LOGIT0 = -3.0
+GAUSS_QUANTILES = (0.15865525393145707, 0.5, 0.8413447460685429)
+GAUSS_SD_MIN = 1e-5
+GAUSS_HIDDEN = 64
+_SQRT_HALF = 0.7071067811865476
 
 
 @dataclass(frozen=True)
@@ -67,6 +91,8 @@ class PFNConfig:
     # context point, (dy, dt), through its own encoder (see PFN.embed); off in old weights
     anchor_inputs: bool = False  # every token also sees its offset from the last context
     # point, (y - y_last, t - t_last), through its own encoder (see PFN.embed); off in old weights
+    gauss_head: bool = False  # per-query weight w and width s mixing the output with a
+    # Gaussian at its own median, in its buckets (see PFN.gauss_mix); off in old weights
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -166,6 +192,24 @@ def anchor_offsets(t: Tensor, y: Tensor, is_ctx: Tensor) -> tuple[Tensor, Tensor
     return dy, t - t_last
 
 
+# erfc(x) = t exp(-x^2 + P(t)), t = 1 / (1 + |x| / 2), for x >= 0, with relative error below
+# 1.2e-7 everywhere (Numerical Recipes' erfcc, a Chebyshev fit); P's coefficients, highest first
+_ERFC_COEFFS = (0.17087277, -0.82215223, 1.48851587, -1.13520398, 0.27886807, -0.18628806,
+                0.09678418, 0.37409196, 1.00002368, -1.26551223)
+
+
+def _erfc(x: Tensor) -> Tensor:
+    """erfc with small *relative* error in the tail, from elementary ops: torch.erfc exports to
+    ONNX as 1 - Erf, which loses the tail (erfc(3) to 0.3%, erfc(4) entirely) in float32."""
+    a = x.abs()
+    t = 1.0 / (1.0 + 0.5 * a)
+    poly = torch.full_like(t, _ERFC_COEFFS[0])
+    for c in _ERFC_COEFFS[1:]:
+        poly = poly * t + c
+    r = t * torch.exp(poly - a * a)
+    return torch.where(x >= 0, r, 2.0 - r)
+
+
 def _signed_log(x: Tensor, unit: float) -> Tensor:
     return torch.sign(x) * torch.log1p(x.abs() / unit)
 
@@ -187,13 +231,17 @@ class PFN(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.n_buckets)
         # (log tau, logit pi) per token; see the module docstring
         self.sharpen = nn.Linear(cfg.d_model, 2) if cfg.sharpen_head else None
+        # (weight logit a, log width b) per token; see the module docstring
+        self.gauss = _mlp(GAUSS_HIDDEN, 2, cfg.d_model) if cfg.gauss_head else None
         self.bar = BarDistribution(borders)
         self.attention_fn: AttentionFn | None = None  # see set_attention; not in state_dict
         self.apply(self._init)
         if self.sharpen is not None:
             self.reset_sharpen()
-        for enc in (self.step_enc, self.anchor_enc):  # start silent: a warm-started model
-            if enc is not None:  # answers as before
+        # start silent: a warm-started model answers as before (the Gaussian head: almost,
+        # w = 0.047 at a zero output)
+        for enc in (self.step_enc, self.anchor_enc, self.gauss):
+            if enc is not None:
                 last = enc[-1]
                 assert isinstance(last, nn.Linear)
                 nn.init.zeros_(last.weight)
@@ -257,14 +305,52 @@ class PFN(nn.Module):
         """Bucket logits (..., n_buckets) from final hidden states (..., E)."""
         logits = self.head(h)
         if self.sharpen is None:
-            return logits
+            if self.gauss is None:
+                return logits
+            return self.gauss_mix(h, torch.log_softmax(logits, -1))
         a, b = (self.sharpen(h) * SHARPEN_GAIN).unbind(-1)  # log tau, logit pi: (...), (...)
         a = a.clamp(LOG_TAU_MIN, LOG_TAU_MAX)
         plain = torch.log_softmax(logits, -1)
         tempered = torch.log_softmax(logits * a.exp().unsqueeze(-1), -1)
         # log((1 - pi) p + pi p_tau), with log pi = logsigmoid(b), log(1 - pi) = logsigmoid(-b)
-        return torch.logaddexp(F.logsigmoid(-b).unsqueeze(-1) + plain,
+        logp = torch.logaddexp(F.logsigmoid(-b).unsqueeze(-1) + plain,
                                F.logsigmoid(b).unsqueeze(-1) + tempered)
+        return logp if self.gauss is None else self.gauss_mix(h, logp)
+
+    def gauss_mix(self, h: Tensor, logp: Tensor) -> Tensor:
+        """log((1 - w) p + w g) for hidden states h (..., E) and log-probabilities logp (..., n):
+        g is the bucket masses of N(median, (s sd)^2), median and sd from logp's quantiles
+        (inside a bucket by linear interpolation, as BarDistribution.quantile; the outer
+        buckets likewise, between their finite borders). See the module docstring."""
+        assert self.gauss is not None
+        a, b = self.gauss(h).unbind(-1)  # (...), (...)
+        # The Gaussian's statistics in float64: a median off by float32 rounding (cumsum over
+        # 1000 buckets, then interpolation) moves log g by ~1e-4 at 3 sd of a narrow Gaussian.
+        f64 = torch.float64
+        borders = self.bar.borders.to(f64)
+        p = logp.to(f64).exp()
+        cum = p.cumsum(-1)  # (..., n)
+        q = torch.tensor(GAUSS_QUANTILES, dtype=f64, device=logp.device)
+        # first bucket whose cumulative mass reaches q, by counting (exports to ONNX)
+        idx = (cum.unsqueeze(-2) < q[:, None]).sum(-1).clamp(max=cum.shape[-1] - 1)  # (..., 3)
+        mass = p.gather(-1, idx)
+        u = ((q - cum.gather(-1, idx) + mass) / mass.clamp_min(1e-30)).clamp(0, 1)
+        x = borders[idx] + u * (borders[idx + 1] - borders[idx])  # (..., 3) the quantiles
+        median = x[..., 1:2]
+        sd = ((x[..., 2] - x[..., 0]) / 2 * b.to(f64).exp()).clamp_min(GAUSS_SD_MIN)
+        z = F.pad((borders[1:-1] - median) / sd.unsqueeze(-1), (1, 1))  # (..., n + 1); ends unused
+        below = 0.5 * _erfc(-z * _SQRT_HALF)  # Phi(z), exact in the left tail
+        above = 0.5 * _erfc(z * _SQRT_HALF)  # 1 - Phi(z), exact in the right tail
+        below = torch.cat([torch.zeros_like(z[..., :1]), below[..., 1:-1],
+                           torch.ones_like(z[..., :1])], -1)
+        above = torch.cat([torch.ones_like(z[..., :1]), above[..., 1:-1],
+                           torch.zeros_like(z[..., :1])], -1)
+        # each bucket's mass from the side of the median it lies on (no 1 - 1 cancellation)
+        right = z[..., :-1] > 0  # (..., n): the bucket's lower border is above the median
+        g = torch.where(right, above[..., :-1] - above[..., 1:], below[..., 1:] - below[..., :-1])
+        log_g = torch.log(g.clamp_min(1e-300)).to(logp.dtype).clamp_min(-1e4)
+        a = (a + GAUSS_LOGIT0).unsqueeze(-1)
+        return torch.logaddexp(F.logsigmoid(-a) + logp, F.logsigmoid(a) + log_g)
 
     def forward(self, t: Tensor, y: Tensor, is_ctx: Tensor, select: Tensor | None = None) -> Tensor:
         """Logits (B, L, n_buckets), or (N, n_buckets) for the N tokens where select is True

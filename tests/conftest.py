@@ -16,20 +16,23 @@ REAL_CURVES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
                            "real_curves.npz")
 
 
-@pytest.fixture(params=[(False, False), (True, False), (True, True)],
-                ids=["plain", "sharpen", "inputs"])
+@pytest.fixture(params=[(False, False, False), (True, False, False), (True, True, False),
+                        (True, True, True)],
+                ids=["plain", "sharpen", "inputs", "gauss"])
 def tiny_model(request: pytest.FixtureRequest) -> PFN:
     """A small random-weight PFN (seeded) for shape and semantics tests: plain, with the
-    sharpening head, and with the head, the step inputs and the anchor inputs (their
-    zero-initialised output layers given random weights, so that none is the identity)."""
+    sharpening head, with the head, the step inputs and the anchor inputs, and with all of
+    these and the Gaussian head (their zero-initialised output layers given random weights,
+    so that none is the identity)."""
     torch.manual_seed(0)
-    sharpen, steps = request.param
+    sharpen, steps, gauss = request.param
     cfg = PFNConfig(n_layers=2, d_model=32, n_heads=4, d_ff=64, n_buckets=50, encoder_hidden=16,
-                    sharpen_head=sharpen, step_inputs=steps, anchor_inputs=steps)
+                    sharpen_head=sharpen, step_inputs=steps, anchor_inputs=steps,
+                    gauss_head=gauss)
     model = PFN(cfg, torch.linspace(-0.2, 1.2, 51)).eval()
     if model.sharpen is not None:
         torch.nn.init.normal_(model.sharpen.weight, std=0.1)
-    for enc in (model.step_enc, model.anchor_enc):
+    for enc in (model.step_enc, model.anchor_enc, model.gauss):
         if enc is not None:
             torch.nn.init.normal_(enc[-1].weight, std=0.3)
     return model

@@ -153,8 +153,13 @@ def test_sharpen_head_is_the_stated_mixture(tiny_model):
     from pfn.model import LOG_TAU_MAX, LOG_TAU_MIN, SHARPEN_GAIN
 
     h = torch.randn(5, tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    gauss, tiny_model.gauss = tiny_model.gauss, None  # what the Gaussian head mixes with
+    try:
+        with torch.no_grad():
+            out = tiny_model.bucket_logits(h)
+    finally:
+        tiny_model.gauss = gauss
     with torch.no_grad():
-        out = tiny_model.bucket_logits(h)
         if tiny_model.sharpen is None:  # the plain head: raw logits
             assert torch.equal(out, tiny_model.head(h))
             return
@@ -165,6 +170,36 @@ def test_sharpen_head_is_the_stated_mixture(tiny_model):
         want = (1 - pi) * logits.softmax(-1) + pi * (logits * tau).softmax(-1)
     assert torch.allclose(out.exp().double(), want, atol=1e-6)
     assert torch.allclose(out.logsumexp(-1), torch.zeros(5), atol=1e-5)  # normalised
+
+
+def test_gauss_head_is_the_stated_mixture(tiny_model):
+    """(1 - w) p + w g, g the bucket masses of N(median, (s sd)^2) with the median and the
+    15.9-84.1% half-spread of p itself (found here by BarDistribution.quantile, in float64)."""
+    from pfn.model import GAUSS_LOGIT0
+
+    if tiny_model.gauss is None:
+        pytest.skip("no Gaussian head")
+    h = torch.randn(7, tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(2))
+    gauss = tiny_model.gauss
+    with torch.no_grad():
+        out = tiny_model.bucket_logits(h).double()
+        tiny_model.gauss = None
+        try:
+            p = tiny_model.bucket_logits(h).double().softmax(-1)
+        finally:
+            tiny_model.gauss = gauss
+        a, b = gauss(h).double().unbind(-1)
+    bar = tiny_model.bar
+    q = bar.quantile(p.log(), torch.tensor([0.15865525393145707, 0.5, 0.8413447460685429],
+                                             dtype=torch.float64).expand(7, 3))
+    sd = (q[:, 2] - q[:, 0]) / 2 * b.exp()
+    z = (bar.borders.double()[1:-1, None] - q[:, 1]) / sd  # (n - 1, 7)
+    c = torch.cat([torch.zeros(1, 7), torch.special.ndtr(z), torch.ones(1, 7)]).T  # (7, n + 1)
+    w = torch.sigmoid(a + GAUSS_LOGIT0)[:, None]
+    want = (1 - w) * p + w * (c[:, 1:] - c[:, :-1])
+    assert (w > 0.01).all() and (sd > 0.02).all()  # the Gaussian carries weight here
+    assert torch.allclose(out.exp(), want, atol=2e-6)
+    assert torch.allclose(out.logsumexp(-1), torch.zeros(7, dtype=torch.float64), atol=1e-5)
 
 
 @pytest.fixture

@@ -388,3 +388,24 @@ def test_refit_tails_changes_only_the_tails_and_fits_them_to_the_prior(tmp_path)
     assert float(ld1[tail].mean()) > float(ld0[tail].mean()) + 0.5
     with pytest.raises(ValueError, match="too few"):
         refit_tails(tmp_path / "src", tmp_path / "bad", n_curves=10)
+
+
+def test_trainable_freezes_everything_else(tmp_path):
+    """trainable="gauss": a warm start grows the Gaussian head and trains it alone; the body
+    and the bar head keep their source's values exactly, and an unknown prefix is refused
+    with the model's module names."""
+    src_dir = tmp_path / "src"
+    cfg = apply_overrides(TrainConfig(), {**TINY, "n_curves": 16, "out_dir": str(src_dir)})
+    Trainer(cfg).run(progress=False)
+    warm = apply_overrides(cfg, {"init_from": str(src_dir), "model.gauss_head": True,
+                                 "trainable": "gauss", "n_curves": 32, "seed": 4,
+                                 "ema_decay": 0.9, "out_dir": str(tmp_path / "warm")})
+    tr = Trainer(warm)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    tr.run(progress=False)
+    after = dict(tr.model.named_parameters())
+    changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
+    assert changed and all(n.startswith("gauss.") for n in changed), changed
+    assert sorted(tr.ema) == sorted(n for n in before if n.startswith("gauss."))
+    with pytest.raises(ValueError, match=r"trainable: .*'gaus'.*modules are \[.*'blocks'"):
+        Trainer(apply_overrides(warm, {"trainable": "gaus", "out_dir": str(tmp_path / "x")}))

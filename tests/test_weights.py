@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from pfn import Curve, Predictor
 from pfn.io import CONFIG_FILE, DECISION_MODEL, WEIGHTS_DIR, WEIGHTS_FILE, read_config, sha256_file
@@ -86,17 +89,28 @@ def test_slowstart_and_its_parent_agree_on_an_ordinary_rising_curve(
 
 def test_default_has_four_blocks_and_trained_step_inputs_and_stage4_has_neither(
         pred: Predictor, stage4: Predictor) -> None:
-    """The default model (grow4) is steps4's lineage grown to four blocks: step inputs whose
-    encoder was trained (its output layer starts at zero, so all-zero weights would mean an
-    untrained copy), the loss weighted per curve; stage 4, the model for decisions, has three
-    blocks and no step inputs."""
+    """The default model is grow4 (steps4's lineage grown to four blocks: step inputs whose
+    encoder was trained, its output layer starting at zero, so all-zero weights would mean an
+    untrained copy; the loss weighted per curve) with a Gaussian head trained on grow4's
+    frozen body: every other tensor equals grow4's (runs/grow4/model) exactly. Stage 4, the
+    model for decisions, has three blocks and no step inputs."""
     cfg = pred.model.cfg
     assert cfg.step_inputs and cfg.n_layers == 4 and pred.model.step_enc is not None
     assert float(pred.model.step_enc[-1].weight.detach().abs().max()) > 0  # trained
     assert not stage4.model.cfg.step_inputs and stage4.model.cfg.n_layers == 3
+    assert cfg.gauss_head and pred.model.gauss is not None
+    assert float(pred.model.gauss[-1].weight.detach().abs().max()) > 0  # trained
+    grow4 = Predictor.load(Path(__file__).parents[1] / "runs" / "grow4" / "model")
+    assert grow4.sha256.startswith("9dbd00b18481")
+    mine = pred.model.state_dict()
+    body = grow4.model.state_dict()
+    assert set(mine) - set(body) == {n for n in mine if n.startswith("gauss.")}
+    assert all(torch.equal(mine[n], t) for n, t in body.items())
     train = pred.config["meta"]["train_config"]
-    assert train["cutoff_log_share"] == 0.25 and train["per_curve_loss"] is True
-    assert train["init_from"] == "runs/percurve3/model" and train["seed"] == 4
+    assert train["trainable"] == "gauss" and train["init_from"] == "runs/grow4/model"
+    g4 = grow4.config["meta"]["train_config"]
+    assert g4["cutoff_log_share"] == 0.25 and g4["per_curve_loss"] is True
+    assert g4["init_from"] == "runs/percurve3/model" and g4["seed"] == 4
 
 
 @pytest.mark.parametrize("name", ["default", "stage4"])

@@ -57,6 +57,8 @@ class TrainConfig:
     init_from: str = ""  # run directory (its checkpoint's EMA weights), model directory or
     # shipped name whose weights start the run with a fresh optimizer and schedule; parameters
     # it lacks keep their initialisation ("": none)
+    trainable: str = ""  # comma-separated parameter-name prefixes (module names such as
+    # "gauss" or "blocks.3") that train; every other parameter is frozen ("": all train)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads (0: torch's default)
     out_dir: str = "runs/default"  # checkpoint, metrics.jsonl and the exported model

@@ -121,9 +121,32 @@ def warm_start(model: PFN, source: str, verbose: bool = False) -> list[str]:
     return list(missing)
 
 
+def freeze_except(model: torch.nn.Module, trainable: str) -> list[str]:
+    """Freeze every parameter whose name is not, or does not start with, one of the
+    comma-separated prefixes in ``trainable`` ("" freezes nothing); returns the names that
+    still train. A frozen body costs a forward pass and no backward pass."""
+    if not trainable:
+        return [n for n, _ in model.named_parameters()]
+    prefixes = [p.strip() for p in trainable.split(",") if p.strip()]
+    names = [n for n, _ in model.named_parameters()]
+    unmatched = [pre for pre in prefixes
+                 if not any(n == pre or n.startswith(pre + ".") for n in names)]
+    if unmatched:
+        modules = sorted({n.split(".")[0] for n in names})
+        raise ValueError(f"trainable: no parameter of this model is named {unmatched} (or "
+                         f"starts with it); its modules are {modules}")
+    keep = []
+    for n, p in model.named_parameters():
+        p.requires_grad_(any(n == pre or n.startswith(pre + ".") for pre in prefixes))
+        if p.requires_grad:
+            keep.append(n)
+    return keep
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.ndim >= 2]
+    no_decay = [p for n, p in named if p.ndim < 2]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -240,6 +263,10 @@ class Trainer:
                       "(the same curves again, when the batch layout matches too); set seed to "
                       "a new value for fresh curves", file=sys.stderr)
         self.model = self.model.to(self.device)
+        trained = freeze_except(self.model, cfg.trainable)
+        if cfg.trainable and self.dist.main:
+            print(f"trainable={cfg.trainable!r}: {len(trained)} parameter tensors train, the "
+                  "rest is frozen", file=sys.stderr)
         self.opt = make_optimizer(self.model, cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17 + self.dist.rank)
         self.step = 0
@@ -254,7 +281,8 @@ class Trainer:
         # EMA of the parameters (what gets exported when ema_decay > 0)
         self.ema: dict[str, Tensor] = {}
         if cfg.ema_decay > 0:
-            self.ema = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            self.ema = {n: p.detach().clone() for n, p in self.model.named_parameters()
+                        if p.requires_grad}
 
     def ema_update(self) -> None:
         if not self.ema:
@@ -326,7 +354,8 @@ class Trainer:
         self.step = int(ck["meta"]["step"])
         if self.ema:  # resumed EMA, or (EMA switched on mid-run) start from the weights
             self.ema = {k: ck["ema"].get(k, v).clone() for k, v in
-                        ((n, p.detach()) for n, p in self.model.named_parameters())}
+                        ((n, p.detach()) for n, p in self.model.named_parameters()
+                         if p.requires_grad)}
         return True
 
     # -- the loop ----------------------------------------------------------------------------
