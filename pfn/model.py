@@ -74,6 +74,7 @@ GAUSS_QUANTILES = (0.15865525393145707, 0.5, 0.8413447460685429)
 GAUSS_SD_MIN = 1e-5
 GAUSS_HIDDEN = 64
 _SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
 
 
 @dataclass(frozen=True)
@@ -199,8 +200,9 @@ _ERFC_COEFFS = (0.17087277, -0.82215223, 1.48851587, -1.13520398, 0.27886807, -0
 
 
 def _erfc(x: Tensor) -> Tensor:
-    """erfc with small *relative* error in the tail, from elementary ops: torch.erfc exports to
-    ONNX as 1 - Erf, which loses the tail (erfc(3) to 0.3%, erfc(4) entirely) in float32."""
+    """erfc with small *relative* error in the tail, from elementary ops, for ONNX exports:
+    torch.erfc exports as 1 - Erf, which loses the tail (erfc(3) to 0.3%, erfc(4) entirely) in
+    float32. Eager runs keep torch.special.erfc (one pass instead of twenty)."""
     a = x.abs()
     t = 1.0 / (1.0 + 0.5 * a)
     poly = torch.full_like(t, _ERFC_COEFFS[0])
@@ -324,31 +326,43 @@ class PFN(nn.Module):
         buckets likewise, between their finite borders). See the module docstring."""
         assert self.gauss is not None
         a, b = self.gauss(h).unbind(-1)  # (...), (...)
-        # The Gaussian's statistics in float64: a median off by float32 rounding (cumsum over
-        # 1000 buckets, then interpolation) moves log g by ~1e-4 at 3 sd of a narrow Gaussian.
+        # The median in float64 (a cumsum over 1000 buckets in float32 moves it enough to move
+        # log g by ~1e-4 at 3 sd of a narrow Gaussian), then carried as a float32 pair
+        # hi + lo, so that b - median is exact near the median (Sterbenz) without a float64
+        # tensor per bucket.
         f64 = torch.float64
-        borders = self.bar.borders.to(f64)
-        p = logp.to(f64).exp()
-        cum = p.cumsum(-1)  # (..., n)
+        borders = self.bar.borders.to(logp.dtype)
+        p = logp.exp()
+        cum = p.to(f64).cumsum(-1)  # (..., n)
         q = torch.tensor(GAUSS_QUANTILES, dtype=f64, device=logp.device)
         # first bucket whose cumulative mass reaches q, by counting (exports to ONNX)
         idx = (cum.unsqueeze(-2) < q[:, None]).sum(-1).clamp(max=cum.shape[-1] - 1)  # (..., 3)
-        mass = p.gather(-1, idx)
+        mass = p.gather(-1, idx).to(f64)
         u = ((q - cum.gather(-1, idx) + mass) / mass.clamp_min(1e-30)).clamp(0, 1)
-        x = borders[idx] + u * (borders[idx + 1] - borders[idx])  # (..., 3) the quantiles
-        median = x[..., 1:2]
+        lo, hi = borders[idx].to(f64), borders[idx + 1].to(f64)
+        x = lo + u * (hi - lo)  # (..., 3) the quantiles, float64
+        m_hi = x[..., 1:2].to(logp.dtype)
+        m_lo = (x[..., 1:2] - m_hi.to(f64)).to(logp.dtype)
         sd = ((x[..., 2] - x[..., 0]) / 2 * b.to(f64).exp()).clamp_min(GAUSS_SD_MIN)
-        z = F.pad((borders[1:-1] - median) / sd.unsqueeze(-1), (1, 1))  # (..., n + 1); ends unused
-        below = 0.5 * _erfc(-z * _SQRT_HALF)  # Phi(z), exact in the left tail
-        above = 0.5 * _erfc(z * _SQRT_HALF)  # 1 - Phi(z), exact in the right tail
-        below = torch.cat([torch.zeros_like(z[..., :1]), below[..., 1:-1],
-                           torch.ones_like(z[..., :1])], -1)
-        above = torch.cat([torch.ones_like(z[..., :1]), above[..., 1:-1],
-                           torch.zeros_like(z[..., :1])], -1)
-        # each bucket's mass from the side of the median it lies on (no 1 - 1 cancellation)
-        right = z[..., :-1] > 0  # (..., n): the bucket's lower border is above the median
-        g = torch.where(right, above[..., :-1] - above[..., 1:], below[..., 1:] - below[..., :-1])
-        log_g = torch.log(g.clamp_min(1e-300)).to(logp.dtype).clamp_min(-1e4)
+        sd = sd.to(logp.dtype).unsqueeze(-1)  # (..., 1)
+        z = ((borders[1:-1] - m_hi) - m_lo) / sd  # (..., n - 1) the inner borders
+        # the Gaussian's mass beyond each border on its side of the median (exact in the tails;
+        # 0 beyond the outer ends): a bucket's mass is the difference of its two borders'
+        # tails, or for the one bucket holding the median, 1 minus their sum
+        erfc = _erfc if torch.compiler.is_exporting() else torch.special.erfc
+        tail = F.pad(0.5 * erfc(z.abs() * _SQRT_HALF), (1, 1))  # (..., n + 1)
+        above = F.pad(z > 0, (0, 1), value=True)  # (..., n): the bucket's upper border > median
+        below = F.pad(z <= 0, (1, 0), value=True)  # (..., n): its lower border <= median
+        g = torch.where(above & below, 1 - tail[..., :-1] - tail[..., 1:],
+                        (tail[..., :-1] - tail[..., 1:]).abs())
+        # a bucket narrow against sd loses its mass to the difference of two close tails;
+        # there the midpoint rule with its second-order term is exact to ~dz^4 instead (the
+        # outer buckets hold a whole tail: never)
+        width = F.pad(borders[2:-1] - borders[1:-2], (1, 1), value=float("inf"))  # (n,)
+        dz = width / sd  # (..., n)
+        zm = (((borders[1:] + borders[:-1]) / 2 - m_hi) - m_lo) / sd
+        g_mid = torch.exp(-0.5 * zm * zm) * _INV_SQRT_2PI * dz * (1 + (zm * zm - 1) * dz * dz / 24)
+        log_g = torch.log(torch.where(dz < 0.05, g_mid, g).clamp_min(1e-38))
         a = (a + GAUSS_LOGIT0).unsqueeze(-1)
         return torch.logaddexp(F.logsigmoid(-a) + logp, F.logsigmoid(a) + log_g)
 
