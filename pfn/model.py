@@ -67,8 +67,8 @@ DY_UNIT, DT_UNIT = 1e-3, 1e-2
 STEP_GAIN = 4.0
 # the Gaussian head: its weight's logit offset (w = sigmoid(-3) = 0.047 at a zero output), the
 # quantiles whose half-distance is the Gaussian's sd before the width factor (+-1 sd of a
-# normal), the floor of that sd (a tenth of the narrowest bucket the prior's borders have near
-# 1 is ~1e-5) and the hidden width of its MLP
+# normal), the floor of that sd (a sixtieth of the narrowest inner bucket of the shipped
+# borders, 6.1e-4: a Gaussian that narrow sits in one bucket anyway) and its MLP's hidden width
 GAUSS_LOGIT0 = -3.0
 GAUSS_QUANTILES = (0.15865525393145707, 0.5, 0.8413447460685429)
 GAUSS_SD_MIN = 1e-5

@@ -128,19 +128,19 @@ def freeze_except(model: torch.nn.Module, trainable: str) -> list[str]:
     if not trainable:
         return [n for n, _ in model.named_parameters()]
     prefixes = [p.strip() for p in trainable.split(",") if p.strip()]
-    names = [n for n, _ in model.named_parameters()]
-    unmatched = [pre for pre in prefixes
-                 if not any(n == pre or n.startswith(pre + ".") for n in names)]
+    named = list(model.named_parameters())
+
+    def trains(name: str, pres: list[str]) -> bool:
+        return any(name == pre or name.startswith(pre + ".") for pre in pres)
+
+    unmatched = [pre for pre in prefixes if not any(trains(n, [pre]) for n, _ in named)]
     if unmatched:
-        modules = sorted({n.split(".")[0] for n in names})
+        modules = sorted({n.split(".")[0] for n, _ in named})
         raise ValueError(f"trainable: no parameter of this model is named {unmatched} (or "
                          f"starts with it); its modules are {modules}")
-    keep = []
-    for n, p in model.named_parameters():
-        p.requires_grad_(any(n == pre or n.startswith(pre + ".") for pre in prefixes))
-        if p.requires_grad:
-            keep.append(n)
-    return keep
+    for n, p in named:
+        p.requires_grad_(trains(n, prefixes))
+    return [n for n, p in named if p.requires_grad]
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
