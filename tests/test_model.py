@@ -172,33 +172,42 @@ def test_sharpen_head_is_the_stated_mixture(tiny_model):
     assert torch.allclose(out.logsumexp(-1), torch.zeros(5), atol=1e-5)  # normalised
 
 
+def _gauss_reference(model, h):
+    """The model's output probabilities for hidden states h (k, E), and in float64 what the
+    Gaussian head should make of them: (1 - w) p + w g, g from Phi differences at the borders
+    around the median and the 15.9-84.1% half-spread of p (BarDistribution.quantile); also w,
+    the Gaussian's sd and each inner bucket's width in sd, (n - 2, k)."""
+    from pfn.model import GAUSS_LOGIT0
+
+    k = h.shape[0]
+    gauss = model.gauss
+    with torch.no_grad():
+        out = model.bucket_logits(h).double().exp()
+        model.gauss = None
+        try:
+            p = model.bucket_logits(h).double().softmax(-1)
+        finally:
+            model.gauss = gauss
+        a, b = gauss(h).double().unbind(-1)
+    q = model.bar.quantile(p.log(), torch.tensor(
+        [0.15865525393145707, 0.5, 0.8413447460685429], dtype=torch.float64).expand(k, 3))
+    sd = (q[:, 2] - q[:, 0]) / 2 * b.exp()
+    z = (model.bar.borders.double()[1:-1, None] - q[:, 1]) / sd  # (n - 1, k)
+    c = torch.cat([torch.zeros(1, k), torch.special.ndtr(z), torch.ones(1, k)]).T  # (k, n + 1)
+    w = torch.sigmoid(a + GAUSS_LOGIT0)[:, None]
+    want = (1 - w) * p + w * (c[:, 1:] - c[:, :-1])
+    return out, want, w, sd, model.bar.widths.double()[1:-1, None] / sd
+
+
 @pytest.mark.parametrize("tiny_model", [(True, True, True)], indirect=True, ids=["gauss"])
 def test_gauss_head_is_the_stated_mixture(tiny_model):
     """(1 - w) p + w g, g the bucket masses of N(median, (s sd)^2) with the median and the
     15.9-84.1% half-spread of p itself (found here by BarDistribution.quantile, in float64)."""
-    from pfn.model import GAUSS_LOGIT0
-
     h = torch.randn(7, tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(2))
-    gauss = tiny_model.gauss
-    with torch.no_grad():
-        out = tiny_model.bucket_logits(h).double()
-        tiny_model.gauss = None
-        try:
-            p = tiny_model.bucket_logits(h).double().softmax(-1)
-        finally:
-            tiny_model.gauss = gauss
-        a, b = gauss(h).double().unbind(-1)
-    bar = tiny_model.bar
-    q = bar.quantile(p.log(), torch.tensor([0.15865525393145707, 0.5, 0.8413447460685429],
-                                             dtype=torch.float64).expand(7, 3))
-    sd = (q[:, 2] - q[:, 0]) / 2 * b.exp()
-    z = (bar.borders.double()[1:-1, None] - q[:, 1]) / sd  # (n - 1, 7)
-    c = torch.cat([torch.zeros(1, 7), torch.special.ndtr(z), torch.ones(1, 7)]).T  # (7, n + 1)
-    w = torch.sigmoid(a + GAUSS_LOGIT0)[:, None]
-    want = (1 - w) * p + w * (c[:, 1:] - c[:, :-1])
+    out, want, w, sd, _ = _gauss_reference(tiny_model, h)
     assert (w > 0.01).all() and (sd > 0.02).all()  # the Gaussian carries weight here
-    assert torch.allclose(out.exp(), want, atol=2e-6)
-    assert torch.allclose(out.logsumexp(-1), torch.zeros(7, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(out, want, atol=2e-6)
+    assert torch.allclose(out.sum(-1), torch.ones(7, dtype=torch.float64), atol=1e-5)
 
 
 @pytest.fixture
@@ -322,28 +331,11 @@ def test_gauss_head_of_the_default_model_has_exact_bucket_masses():
     mixture equals the float64 one built from Phi differences: relative error <= 2e-5 on every
     bucket holding >= 1e-9 of the mass."""
     from pfn.io import load_model
-    from pfn.model import GAUSS_LOGIT0
 
     model, _ = load_model("default")
     h = torch.randn(16, model.cfg.d_model, generator=torch.Generator().manual_seed(5))
-    gauss = model.gauss
-    with torch.no_grad():
-        out = model.bucket_logits(h).double().exp()
-        model.gauss = None
-        try:
-            p = model.bucket_logits(h).double().softmax(-1)
-        finally:
-            model.gauss = gauss
-        a, b = gauss(h).double().unbind(-1)
-    q = model.bar.quantile(p.log(), torch.tensor(
-        [0.15865525393145707, 0.5, 0.8413447460685429], dtype=torch.float64).expand(16, 3))
-    sd = (q[:, 2] - q[:, 0]) / 2 * b.exp()
-    dz = model.bar.widths.double()[1:-1, None] / sd
+    out, want, _, _, dz = _gauss_reference(model, h)
     assert (dz < 0.05).any() and (dz > 0.05).any()  # both rules are exercised
-    z = (model.bar.borders.double()[1:-1, None] - q[:, 1]) / sd  # (n - 1, 16)
-    c = torch.cat([torch.zeros(1, 16), torch.special.ndtr(z), torch.ones(1, 16)]).T
-    w = torch.sigmoid(a + GAUSS_LOGIT0)[:, None]
-    want = (1 - w) * p + w * (c[:, 1:] - c[:, :-1])
     held = want >= 1e-9
     rel = ((out - want).abs() / want)[held]
     assert float(rel.max()) <= 2e-5, float(rel.max())  # without the midpoint rule: 5.4e-5
