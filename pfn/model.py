@@ -357,11 +357,13 @@ class PFN(nn.Module):
                         (tail[..., :-1] - tail[..., 1:]).abs())
         # a bucket narrow against sd loses its mass to the difference of two close tails;
         # there the midpoint rule with its second-order term is exact to ~dz^4 instead (the
-        # outer buckets hold a whole tail: never)
-        width = F.pad(borders[2:-1] - borders[1:-2], (1, 1), value=float("inf"))  # (n,)
+        # outer buckets hold a whole tail: never; their width of 1e3 keeps dz >= 0.05 for any
+        # sd below 2e4, and finite: an infinite one gives NaN gradients through the where)
+        width = F.pad(borders[2:-1] - borders[1:-2], (1, 1), value=1e3)  # (n,)
         dz = width / sd  # (..., n)
         zm = (((borders[1:] + borders[:-1]) / 2 - m_hi) - m_lo) / sd
-        g_mid = torch.exp(-0.5 * zm * zm) * _INV_SQRT_2PI * dz * (1 + (zm * zm - 1) * dz * dz / 24)
+        dzc = dz.clamp(max=1.0)  # the unused side of the where stays finite
+        g_mid = torch.exp(-0.5 * zm * zm) * _INV_SQRT_2PI * dzc * (1 + (zm * zm - 1) * dzc**2 / 24)
         log_g = torch.log(torch.where(dz < 0.05, g_mid, g).clamp_min(1e-38))
         a = (a + GAUSS_LOGIT0).unsqueeze(-1)
         return torch.logaddexp(F.logsigmoid(-a) + logp, F.logsigmoid(a) + log_g)

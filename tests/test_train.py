@@ -406,6 +406,7 @@ def test_trainable_freezes_everything_else(tmp_path):
     after = dict(tr.model.named_parameters())
     changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
     assert changed and all(n.startswith("gauss.") for n in changed), changed
+    assert all(bool(torch.isfinite(after[n]).all()) for n in changed)
     assert sorted(tr.ema) == sorted(n for n in before if n.startswith("gauss."))
     with pytest.raises(ValueError, match=r"trainable: .*'gaus'.*modules are \[.*'blocks'"):
         Trainer(apply_overrides(warm, {"trainable": "gaus", "out_dir": str(tmp_path / "x")}))
