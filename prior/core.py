@@ -58,6 +58,12 @@ class CurvePrior:
     # learning rate do): the whole curve compressed into its first s m epochs, flat at f(m)
     # after, f'(t) = f(min(m, 1 + (t - 1) / s)); 0 is the paper's prior (nothing extra drawn)
     converge_min: float = 0.5  # smallest compression s (s ~ U(converge_min, 1))
+    decline_prob: float = 0.0  # share of curves that peak and then decline (overfitting, a
+    # diverging optimiser): flat from a peak epoch p ~ U{ceil(decline_start m)..m-1} on, minus a
+    # drop growing to d (f(p) - f(1)) at epoch m, d ~ U(0, decline_max), with the shape
+    # ((t - p) / (m - p))^k, log k ~ U(log 1/2, log 2); 0 is the paper's prior (nothing drawn)
+    decline_start: float = 0.1  # earliest peak epoch as a share of n_epochs
+    decline_max: float = 0.5  # largest drop as a share of the curve's rise f(p) - f(1)
     _accept_guess: float = field(default=0.2, repr=False)  # first proposal-size estimate
 
     def __post_init__(self) -> None:
@@ -76,11 +82,18 @@ class CurvePrior:
             raise ValueError(f"converge_prob: must be in [0, 1], got {self.converge_prob}")
         if not 0.0 < self.converge_min <= 1.0:
             raise ValueError(f"converge_min: must be in (0, 1], got {self.converge_min}")
+        if not 0.0 <= self.decline_prob <= 1.0:
+            raise ValueError(f"decline_prob: must be in [0, 1], got {self.decline_prob}")
+        if not 0.0 < self.decline_start < 1.0:
+            raise ValueError(f"decline_start: must be in (0, 1), got {self.decline_start}")
+        if not 0.0 < self.decline_max < 1.0:
+            raise ValueError(f"decline_max: must be in (0, 1), got {self.decline_max}")
 
     @property
     def name(self) -> str:
         base = "lcpfn" if self.components == LCPFN_COMPONENTS else "+".join(self.components)
         return (base + (f"-converge{self.converge_prob:g}" if self.converge_prob else "")
+                + (f"-decline{self.decline_prob:g}" if self.decline_prob else "")
                 + (f"-slowstart{self.delay_prob:g}" if self.delay_prob else ""))
 
     def _draws(self, n: int, g: torch.Generator, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -136,6 +149,8 @@ class CurvePrior:
             got += fk.shape[0]
         if self.converge_prob > 0:
             f = self._converge(f, generator)
+        if self.decline_prob > 0:
+            f = self._decline(f, generator)
         if self.delay_prob > 0:
             f = self._delay(f, generator)
         z = torch.randn(n, generator=generator)
@@ -157,6 +172,25 @@ class CurvePrior:
         frac = tau - lo
         return torch.lerp(f.gather(1, lo), f.gather(1, lo + 1), frac)
 
+    def _decline(self, f: Tensor, g: torch.Generator) -> Tensor:
+        """Peak and decline: a ``decline_prob`` share of the curves f (n, m) stay at f(p) from a
+        peak epoch p on and lose a drop growing to d (f(p) - f(1)) by epoch m (see the field
+        comments); a p with f(p) <= f(1) (the prior's curves may dip) is dropped. Values stay
+        within [f(1), f(p)] after the peak, so range and f(m) > f(1) hold."""
+        n, m = f.shape
+        u = torch.rand(n, 4, generator=g)
+        first = math.ceil(self.decline_start * m)  # earliest peak epoch (1-based)
+        p = first + (u[:, 1] * (m - first)).long().clamp_(max=m - 1 - first)  # (n,) in first..m-1
+        on = (u[:, 0] < self.decline_prob) & (f.gather(1, (p - 1)[:, None])[:, 0] > f[:, 0])
+        p = torch.where(on, p, torch.full_like(p, m))  # p = m (or f(p) <= f(1)): unchanged
+        t = torch.arange(1, m + 1)[None, :]  # (1, m) epochs
+        peak = f.gather(1, (p - 1)[:, None])  # (n, 1) f(p)
+        flat = f.gather(1, (torch.minimum(t, p[:, None]) - 1))  # (n, m) f(min(t, p))
+        k = torch.exp(math.log(0.5) + u[:, 3] * math.log(4.0))  # (n,) in [1/2, 2]
+        frac = ((t - p[:, None]).clamp(min=0) / (m - p).clamp(min=1)[:, None]) ** k[:, None]
+        drop = (self.decline_max * u[:, 2] * on)[:, None] * (peak - f[:, :1])  # (n, 1)
+        return flat - drop * frac
+
     def _delay(self, f: Tensor, g: torch.Generator) -> Tensor:
         """Slow starts: a ``delay_prob`` share of the curves f (n, m) shifted right by t0 ~
         U{0..delay_max m} epochs, flat at their first value before; a shift that would break
@@ -176,12 +210,13 @@ class CurvePrior:
         """``n`` accepted parameter sets (no noise): weights (n, K) and, per component, a dict
         of (n, 1) parameters, float64; same proposals and rules as :meth:`sample`, but its own
         draws (it does not reproduce ``sample``'s curves). Used to start MCMC chains. Not for
-        slow starts or early convergence (``delay_prob``, ``converge_prob`` > 0), which the
-        parametric likelihood does not model."""
-        if self.delay_prob or self.converge_prob:
+        slow starts, early convergence or declines (``delay_prob``, ``converge_prob``,
+        ``decline_prob`` > 0), which the parametric likelihood does not model."""
+        if self.delay_prob or self.converge_prob or self.decline_prob:
             raise ValueError("sample_params: the MCMC reference models the parametric curves "
-                             f"only; use a prior with delay_prob=0 and converge_prob=0 (got "
-                             f"{self.delay_prob}, {self.converge_prob})")
+                             "only; use a prior with delay_prob, converge_prob and decline_prob "
+                             f"0 (got {self.delay_prob}, {self.converge_prob}, "
+                             f"{self.decline_prob})")
         rounds = list(self._accepted(n, generator, torch.float64))
         if not rounds:
             return _from_draws(self.components, *self._draws(0, generator, torch.float64))
@@ -265,11 +300,13 @@ PRIORS: dict[str, CurvePrior] = {
 def get_prior(name: str) -> CurvePrior:
     """A registered prior by name (``lcpfn``, ``domhan``, ``lcpfn-slowstart[0.05]``), a
     ``+``-joined list of bases, or either with ``-converge<p>`` (early convergence with
-    probability p) and/or then ``-slowstart<p>`` (slow starters): every ``CurvePrior.name``
+    probability p), then ``-decline<p>`` (peak and decline) and/or then ``-slowstart<p>``
+    (slow starters), in that order: every ``CurvePrior.name``
     (what a model's config records) resolves."""
     if name in PRIORS:
         return PRIORS[name]
-    for suffix, key in (("-slowstart", "delay_prob"), ("-converge", "converge_prob")):
+    for suffix, key in (("-slowstart", "delay_prob"), ("-decline", "decline_prob"),
+                        ("-converge", "converge_prob")):
         base, sep, p = name.rpartition(suffix)
         if sep and base and not base.endswith(suffix):
             try:
@@ -278,8 +315,11 @@ def get_prior(name: str) -> CurvePrior:
                 prob = math.nan
             if 0.0 < prob <= 1.0:
                 src = get_prior(base)
-                return (replace(src, delay_prob=prob) if key == "delay_prob"
-                        else replace(src, converge_prob=prob))
+                if key == "delay_prob":
+                    return replace(src, delay_prob=prob)
+                if key == "decline_prob":
+                    return replace(src, decline_prob=prob)
+                return replace(src, converge_prob=prob)
     comps = tuple(name.split("+"))
     if all(c in BASES for c in comps):
         return CurvePrior(components=comps)

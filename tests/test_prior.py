@@ -124,20 +124,26 @@ def test_slow_start_share_and_registry():
         p.sample_params(3, g)
 
 
+def _plain_and_changed(m: int, seed: int, **change: float) -> tuple[torch.Tensor, ...]:
+    """Noise-free curves of the paper's prior and of a changed prior from the same seed (same
+    proposals), after checking the changed prior's determinism, shape and finiteness; with the
+    per-curve range (lo, hi) of the paper's curves."""
+    n = 200
+    plain = CurvePrior(n_epochs=m).sample(n, torch.Generator().manual_seed(seed)).f
+    b = CurvePrior(n_epochs=m, **change).sample(n, torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
+    again = CurvePrior(n_epochs=m, **change).sample(n, torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
+    assert torch.equal(b.y, again.y) and b.y.shape == (n, m) and bool(torch.isfinite(b.y).all())
+    return plain, b.f, plain.min(1).values, plain.max(1).values
+
+
 @given(m=st.integers(3, 120), seed=st.integers(0, 2**31 - 1))
 @settings(max_examples=15, deadline=None)
 def test_early_convergence_compresses_prior_curves(m, seed):
     """Every curve of the converge prior is a prior curve (the same proposals) run faster:
     the same end points, values inside its own range, and a final plateau at f(m) at least as
     long as the original's."""
-    n = 200
-    plain = CurvePrior(n_epochs=m).sample(n, torch.Generator().manual_seed(seed)).f
-    b = CurvePrior(n_epochs=m, converge_prob=0.5).sample(n, torch.Generator().manual_seed(seed))
-    again = CurvePrior(n_epochs=m, converge_prob=0.5).sample(n, torch.Generator().manual_seed(seed))
-    assert torch.equal(b.y, again.y) and b.y.shape == (n, m) and bool(torch.isfinite(b.y).all())
-    f = b.f
+    plain, f, lo, hi = _plain_and_changed(m, seed, converge_prob=0.5)
     assert torch.allclose(f[:, 0], plain[:, 0]) and torch.allclose(f[:, -1], plain[:, -1])
-    lo, hi = plain.min(1).values, plain.max(1).values
     assert bool((f >= lo[:, None] - 1e-6).all() and (f <= hi[:, None] + 1e-6).all())
 
     def plateau(c: torch.Tensor) -> torch.Tensor:  # (n,) trailing epochs equal to the last one
@@ -163,6 +169,48 @@ def test_early_convergence_share_and_registry():
         CurvePrior(converge_prob=-0.1)
     with pytest.raises(ValueError, match="converge_min"):
         CurvePrior(converge_min=0.0)
+    with pytest.raises(ValueError, match="MCMC"):
+        p.sample_params(3, torch.Generator().manual_seed(0))
+
+
+@given(m=st.integers(3, 120), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=15, deadline=None)
+def test_decline_keeps_prior_curves_up_to_their_peak(m, seed):
+    """Every curve of the decline prior is a prior curve (the same proposals) up to its peak,
+    then never above the peak nor below its first value, and never rising again; seeded."""
+    plain, f, lo, hi = _plain_and_changed(m, seed, decline_prob=0.5)
+    n = len(f)
+    assert torch.equal(f[:, 0], plain[:, 0]) and bool((f[:, -1] > f[:, 0]).all())
+    assert bool((f >= lo[:, None] - 1e-6).all() and (f <= hi[:, None] + 1e-6).all())
+    changed = (f - plain).abs() > 1e-7  # (n, m)
+    first = torch.where(changed.any(1), changed.int().argmax(1), torch.full((n,), m))
+    for i in range(n):  # before the first change the curve is the prior's; after, it falls
+        c = int(first[i])
+        if c < m:
+            tail = f[i, c - 1:]
+            assert bool((tail[1:] <= tail[:-1] + 1e-6).all())
+            assert bool((tail <= plain[i, c - 1] + 1e-6).all() and (tail > f[i, 0]).all())
+
+
+def test_decline_share_depth_and_registry():
+    p = get_prior("lcpfn-decline0.2")
+    assert p.decline_prob == 0.2 and p.name == "lcpfn-decline0.2"
+    f = p.sample(4000, torch.Generator().manual_seed(3)).f
+    plain = CurvePrior().sample(4000, torch.Generator().manual_seed(3)).f
+    # the share that peak after epoch 10 and end more than 10% of their rise below the peak:
+    # ~0.2 * P(d > 0.1) = 0.16, less the curves the paper's prior already peaks early (its
+    # peaked curves peak in the first few epochs: 3% of them count here)
+    def late_fall(c: torch.Tensor) -> float:
+        fell = (c.amax(1) - c[:, -1]) > 0.1 * (c.amax(1) - c[:, 0])
+        return float(((c.argmax(1) >= 10) & fell).float().mean())
+
+    assert late_fall(plain) < 0.05 and 0.12 < late_fall(f) < 0.16
+    all3 = get_prior("lcpfn-converge0.3-decline0.2-slowstart0.1")
+    assert (all3.converge_prob, all3.decline_prob, all3.delay_prob) == (0.3, 0.2, 0.1)
+    assert get_prior(all3.name) == all3
+    for bad in (dict(decline_prob=1.5), dict(decline_start=0.0), dict(decline_max=1.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            CurvePrior(**bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="MCMC"):
         p.sample_params(3, torch.Generator().manual_seed(0))
 
@@ -199,13 +247,16 @@ def test_cutoffs_log_share_moves_mass_to_few_epochs():
 
 @pytest.mark.parametrize("prior", [*PRIORS.values(), CurvePrior(components=("pow3", "vap"),
                                                                  delay_prob=0.3),
-                                   CurvePrior(converge_prob=0.25, delay_prob=0.1)],
+                                   CurvePrior(converge_prob=0.25, delay_prob=0.1),
+                                   CurvePrior(converge_prob=0.25, decline_prob=0.2,
+                                              delay_prob=0.1)],
                          ids=lambda p: p.name)
 def test_every_prior_name_resolves_to_that_prior(prior):
     """A model's config records ``prior.name``; ``get_prior`` must give that prior back
     (`curvecast refit-tails` fits on it)."""
     assert get_prior(prior.name) == prior
     for bad in ("lcpfn-slowstart0", "lcpfn-slowstart2", "lcpfn-slowstartx", "nope-slowstart0.2",
-                "lcpfn-converge0", "lcpfn-converge1.5", "nope-converge0.2"):
+                "lcpfn-converge0", "lcpfn-converge1.5", "nope-converge0.2",
+                "lcpfn-decline0", "lcpfn-decline1.5", "nope-decline0.2"):
         with pytest.raises(ValueError, match="unknown name"):
             get_prior(bad)
