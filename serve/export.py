@@ -126,6 +126,12 @@ def find_cached(model_dir: Path, cache_dir: Path, sha256: str, quantized: bool =
     return None
 
 
+def default_cache_dir() -> Path:
+    """Where exports go when the model's own directory is read-only: $XDG_CACHE_HOME/curvecast
+    (~/.cache/curvecast)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "curvecast"
+
+
 def ensure_onnx(model: PFN, model_dir: Path, sha256: str, cache_dir: Path,
                 quantized: bool = False, force: bool = False) -> Path:
     """The cached ONNX file for these weights, exporting (and quantising) it on a miss."""

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from pfn.model import PFN
-from serve.export import INPUT_NAMES, ensure_onnx
+from pfn.predictor import Predictor
+from serve.export import INPUT_NAMES, default_cache_dir, ensure_onnx
 
 log = logging.getLogger("curvecast.serve")
 
@@ -182,6 +183,23 @@ def make_runtime(kind: str, model: PFN, model_dir: Path, sha256: str, cache_dir:
         kernels.enable_kernels(rt.model)
         return rt
     raise ValueError(f"runtime: unknown {kind!r}; choose auto, onnx, torch or torch-triton")
+
+
+def load_predictor(name_or_path: str | Path | None = None, runtime: str = "onnx",
+                   threads: int = 1, cache_dir: Path | None = None) -> Predictor:
+    """``Predictor.load`` running on a serving runtime in this process: by default onnxruntime,
+    the server's path (one curve in ~1.2 ms on one thread of the development machine, against
+    ~3 ms in torch eager; docs/model-card.md). The ONNX graph is exported once and cached
+    beside the weights or in ``cache_dir`` (default ``$XDG_CACHE_HOME/curvecast``); its answers
+    are checked against eager torch (``check_parity``) before the predictor is returned."""
+    from pfn.io import resolve_model_dir
+
+    pred = Predictor.load(name_or_path)
+    rt = make_runtime(runtime, pred.model, resolve_model_dir(name_or_path), pred.sha256,
+                      cache_dir or default_cache_dir(), threads=threads)
+    check_parity(rt, pred.model)
+    pred.runtime = rt
+    return pred
 
 
 def probe_inputs(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -110,10 +110,9 @@ class ServeSettings(BaseSettings):
 
     @property
     def onnx_cache_dir(self) -> Path:
-        if self.cache_dir is not None:
-            return self.cache_dir
-        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        return Path(base) / "curvecast"
+        from serve.export import default_cache_dir
+
+        return self.cache_dir if self.cache_dir is not None else default_cache_dir()
 
     def to_env(self) -> dict[str, str]:
         """These settings as CURVECAST_* variables (how worker processes receive them)."""

@@ -24,7 +24,14 @@ from pfn.predictor import Curve, Predictor
 from pfn.summary import summarize
 from serve import export
 from serve.export import ensure_onnx, find_cached, onnx_filename
-from serve.runtime import ChunkedRuntime, OnnxRuntime, TorchRuntime, check_parity, probe_inputs
+from serve.runtime import (
+    ChunkedRuntime,
+    OnnxRuntime,
+    TorchRuntime,
+    check_parity,
+    load_predictor,
+    probe_inputs,
+)
 
 ATOL = 5e-4
 
@@ -131,6 +138,22 @@ def test_predictor_summaries_identical_through_onnx(ort_runtime, default_model):
             assert da[k].keys() == db[k].keys()
             for kk in da[k]:
                 np.testing.assert_allclose(da[k][kk], db[k][kk], rtol=1e-4, atol=1e-5)
+
+
+def test_load_predictor_runs_onnxruntime_in_process(onnx_path, tmp_path):
+    """The in-process fast path: the cached export beside the weights (onnx_path made it),
+    answering as the eager predictor does for ragged curves."""
+    pred = load_predictor("default", cache_dir=tmp_path)
+    assert isinstance(pred.runtime, OnnxRuntime) and not any(tmp_path.iterdir())
+    curves = [Curve(np.arange(1, 21), np.linspace(0.3, 0.7, 20), horizon=100),
+              Curve([1, 2, 5], [0.8, 0.6, 0.5], horizon=30, direction="min", bounds=(0, 1),
+                    query_epochs=[10, 30])]
+    eager = Predictor.load("default").predict(curves)
+    for a, b in zip(pred.predict(curves), eager, strict=True):
+        np.testing.assert_allclose(a.quantile([0.05, 0.5, 0.95]), b.quantile([0.05, 0.5, 0.95]),
+                                   atol=1e-4)
+    with pytest.raises(ValueError, match="runtime"):
+        load_predictor("default", runtime="tpu")
 
 
 def test_check_parity_detects_a_wrong_graph(default_model, tmp_path):
