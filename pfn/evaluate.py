@@ -8,7 +8,8 @@ better) or of the prior:
   the observed (noisy) value; then the mean over cases (the paper's measure).
 * ``mae_final`` / ``rmse_final``: error of the predicted mean at the case's last point.
 * ``coverage_50`` / ``coverage_90``: share of all query points inside the central 50% / 90%
-  predictive interval.
+  predictive interval; ``above_90``: the share above it (about 0.05 for a calibrated method:
+  more means the method underestimates how far curves still rise, less that it overestimates).
 
 Baselines: ``last_value`` — N(last observed value, 0.05²) at every later point; ``power_law``
 — least-squares fit of ``y = a - b * t^(-c)`` (c on a grid of 40 values in [0.05, 3], a and b
@@ -98,6 +99,7 @@ class Row:
     coverage_50: float
     coverage_90: float
     ms_per_curve: float
+    above_90: float
 
 
 Method = Callable[[Cases], Forecast]
@@ -188,7 +190,7 @@ def score(cases: Cases, f: Forecast, source: str, cutoff: str, method: str) -> R
     return Row(source, cutoff, method, len(cases), float(case_ll.mean()),
                float(np.abs(err).mean()), float(np.sqrt((err**2).mean())),
                float(inside50.mean()), float(inside90.mean()),
-               1000 * f.seconds / max(len(cases), 1))
+               1000 * f.seconds / max(len(cases), 1), float((yq > f.hi90).mean()))
 
 
 def prior_cases(n: int, cutoff: int, seed: int = 0, prior_name: str = "lcpfn") -> Cases:
@@ -315,12 +317,13 @@ def baselines() -> dict[str, Method]:
 
 def markdown_table(rows: Sequence[Row]) -> str:
     head = ("| source | cutoff | method | n | log-lik | MAE final | RMSE final | cov 50% | "
-            "cov 90% | ms/curve |")
-    lines = [head, "|" + "---|" * 10]
+            "cov 90% | above 90% | ms/curve |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(f"| {r.source} | {r.cutoff} | {r.method} | {r.n_curves} | "
                      f"{r.log_likelihood:.3f} | {r.mae_final:.4f} | {r.rmse_final:.4f} | "
-                     f"{r.coverage_50:.3f} | {r.coverage_90:.3f} | {r.ms_per_curve:.3f} |")
+                     f"{r.coverage_50:.3f} | {r.coverage_90:.3f} | {r.above_90:.3f} | "
+                     f"{r.ms_per_curve:.3f} |")
     return "\n".join(lines)
 
 

@@ -61,12 +61,13 @@ def test_eval_prior_and_file_json(tmp_path, real_curves_path):
            "--filter", "all", "--filter", "nonflat", "--json")
     rows = json.loads(r.stdout)["rows"]
     keys = {"source", "cutoff", "method", "n_curves", "log_likelihood", "mae_final", "rmse_final",
-            "coverage_50", "coverage_90"}
+            "coverage_50", "coverage_90", "above_90"}
     assert all(keys <= set(row) for row in rows)
     assert {row["method"] for row in rows} == {"pfn", "last_value", "power_law"}
     assert {row["cutoff"] for row in rows if row["source"] == "prior"} == {"10", "20", "40", "80"}
     assert any(row["source"].endswith("/nonflat") for row in rows)
     assert all(np.isfinite(row["log_likelihood"]) for row in rows)
+    assert all(0 <= row["above_90"] <= 1 - row["coverage_90"] + 1e-9 for row in rows)
     md = cc("eval", "--prior-curves", "20").stdout
     assert md.startswith("| source | cutoff | method |")
 

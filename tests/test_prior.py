@@ -215,6 +215,62 @@ def test_decline_share_depth_and_registry():
         p.sample_params(3, torch.Generator().manual_seed(0))
 
 
+@given(m=st.integers(3, 120), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=15, deadline=None)
+def test_anneal_adds_a_late_gain_to_prior_curves(m, seed):
+    """Every curve of the anneal prior is a prior curve (the same proposals) plus a gain that
+    is zero up to its start, never shrinks, is at most anneal_max of the curve's rise, and
+    keeps values <= 1; seeded."""
+    plain, f, _, _ = _plain_and_changed(m, seed, anneal_prob=0.5)
+    gain = f - plain  # (n, m)
+    assert torch.equal(f[:, 0], plain[:, 0]) and bool((f <= 1.0 + 1e-6).all())
+    assert bool((gain >= -1e-7).all() and (gain[:, 1:] >= gain[:, :-1] - 1e-6).all())
+    rise = (plain[:, -1] - plain[:, 0]).clamp(min=0)
+    assert bool((gain[:, -1] <= 0.5 * rise + 1e-6).all())
+
+
+def test_anneal_share_size_and_registry():
+    p = get_prior("lcpfn-anneal0.2")
+    assert p.anneal_prob == 0.2 and p.name == "lcpfn-anneal0.2"
+    f = p.sample(4000, torch.Generator().manual_seed(3)).f
+    plain = CurvePrior().sample(4000, torch.Generator().manual_seed(3)).f
+    gain = f[:, -1] - plain[:, -1]
+    rise = plain[:, -1] - plain[:, 0]
+    # gains are b * rise, b ~ U(0, 0.5), capped at 1 - max f: the share gaining more than a
+    # tenth of their rise is at most 0.2 * P(b > 0.1) = 0.16 (less the capped, the jumps that
+    # start late and slowly, and the curves with no rise)
+    big = float(((gain > 0.1 * rise) & (rise > 0)).float().mean())
+    assert 0.08 < big < 0.16
+    assert float((gain.abs() > 1e-7).float().mean()) < 0.2
+    all4 = get_prior("lcpfn-converge0.3-decline0.2-anneal0.1-slowstart0.1")
+    assert (all4.decline_prob, all4.anneal_prob, all4.delay_prob) == (0.2, 0.1, 0.1)
+    assert get_prior(all4.name) == all4
+    for bad in (dict(anneal_prob=-0.1), dict(anneal_start=0.0), dict(anneal_max=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            CurvePrior(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="MCMC"):
+        p.sample_params(3, torch.Generator().manual_seed(0))
+
+
+def test_flat_runs_share_level_and_registry():
+    """A flat_prob share of the curves never learns: constant at a level in [0, f(1)] of the
+    paper's curve from the same proposals; the others are the paper's curves."""
+    p = get_prior("lcpfn-flat0.3")
+    assert p.flat_prob == 0.3 and p.name == "lcpfn-flat0.3"
+    b = p.sample(4000, torch.Generator().manual_seed(3))
+    plain = CurvePrior().sample(4000, torch.Generator().manual_seed(3)).f
+    flat = (b.f.amax(1) - b.f.amin(1)) < 1e-9
+    assert 0.27 < float(flat.float().mean()) < 0.33
+    assert bool((b.f[flat, 0] <= plain[flat, 0] + 1e-7).all() and (b.f[flat, 0] >= 0).all())
+    assert 0.3 < float((b.f[flat, 0] < 0.5 * plain[flat, 0]).float().mean()) < 0.7
+    assert torch.equal(b.f[~flat], plain[~flat])
+    assert get_prior("lcpfn-anneal0.1-flat0.1-slowstart0.2").flat_prob == 0.1
+    with pytest.raises(ValueError, match="flat_prob"):
+        CurvePrior(flat_prob=2.0)
+    with pytest.raises(ValueError, match="MCMC"):
+        p.sample_params(3, torch.Generator().manual_seed(0))
+
+
 def test_cutoffs_per_curve():
     c = sample_cutoffs(5000, 100, torch.Generator().manual_seed(0))
     assert int(c.min()) == 1 and int(c.max()) == 99 and len(torch.unique(c)) == 99
@@ -249,7 +305,9 @@ def test_cutoffs_log_share_moves_mass_to_few_epochs():
                                                                  delay_prob=0.3),
                                    CurvePrior(converge_prob=0.25, delay_prob=0.1),
                                    CurvePrior(converge_prob=0.25, decline_prob=0.2,
-                                              delay_prob=0.1)],
+                                              delay_prob=0.1),
+                                   CurvePrior(decline_prob=0.1, anneal_prob=0.2),
+                                   CurvePrior(anneal_prob=0.1, flat_prob=0.1, delay_prob=0.1)],
                          ids=lambda p: p.name)
 def test_every_prior_name_resolves_to_that_prior(prior):
     """A model's config records ``prior.name``; ``get_prior`` must give that prior back
@@ -257,6 +315,8 @@ def test_every_prior_name_resolves_to_that_prior(prior):
     assert get_prior(prior.name) == prior
     for bad in ("lcpfn-slowstart0", "lcpfn-slowstart2", "lcpfn-slowstartx", "nope-slowstart0.2",
                 "lcpfn-converge0", "lcpfn-converge1.5", "nope-converge0.2",
-                "lcpfn-decline0", "lcpfn-decline1.5", "nope-decline0.2"):
+                "lcpfn-decline0", "lcpfn-decline1.5", "nope-decline0.2",
+                "lcpfn-anneal0", "lcpfn-anneal2", "nope-anneal0.1", "lcpfn-flat0",
+                "nope-flat0.1"):
         with pytest.raises(ValueError, match="unknown name"):
             get_prior(bad)
