@@ -367,16 +367,7 @@ def get_prior(name: str) -> CurvePrior:
             except ValueError:
                 prob = math.nan
             if 0.0 < prob <= 1.0:
-                src = get_prior(base)
-                if key == "delay_prob":
-                    return replace(src, delay_prob=prob)
-                if key == "decline_prob":
-                    return replace(src, decline_prob=prob)
-                if key == "anneal_prob":
-                    return replace(src, anneal_prob=prob)
-                if key == "flat_prob":
-                    return replace(src, flat_prob=prob)
-                return replace(src, converge_prob=prob)
+                return replace(get_prior(base), **{key: prob})
     comps = tuple(name.split("+"))
     if all(c in BASES for c in comps):
         return CurvePrior(components=comps)
