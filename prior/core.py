@@ -13,6 +13,7 @@ import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -367,7 +368,8 @@ def get_prior(name: str) -> CurvePrior:
             except ValueError:
                 prob = math.nan
             if 0.0 < prob <= 1.0:
-                return replace(get_prior(base), **{key: prob})
+                field_value: dict[str, Any] = {key: prob}
+                return replace(get_prior(base), **field_value)
     comps = tuple(name.split("+"))
     if all(c in BASES for c in comps):
         return CurvePrior(components=comps)
