@@ -179,9 +179,7 @@ class CurvePrior:
         if self.anneal_prob > 0:
             f = self._anneal(f, generator)
         if self.flat_prob > 0:
-            u = torch.rand(n, 2, generator=generator)
-            level = (u[:, 1] * f[:, 0])[:, None].expand_as(f)  # (n, m)
-            f = torch.where((u[:, 0] < self.flat_prob)[:, None], level, f)
+            f = self._flat(f, generator)
         if self.delay_prob > 0:
             f = self._delay(f, generator)
         z = torch.randn(n, generator=generator)
@@ -240,6 +238,13 @@ class CurvePrior:
         ramp = (dt / (m - s).clamp(min=1)[:, None]) ** k[:, None]  # (n, m) a smooth decay
         shape = torch.where((u[:, 3] < 0.5)[:, None], jump, ramp)
         return f + gain[:, None] * shape
+
+    def _flat(self, f: Tensor, g: torch.Generator) -> Tensor:
+        """Runs that never learn: a ``flat_prob`` share of the curves f (n, m) constant at
+        v f(1), v ~ U(0, 1)."""
+        u = torch.rand(f.shape[0], 2, generator=g)
+        level = (u[:, 1] * f[:, 0])[:, None].expand_as(f)  # (n, m)
+        return torch.where((u[:, 0] < self.flat_prob)[:, None], level, f)
 
     def _delay(self, f: Tensor, g: torch.Generator) -> Tensor:
         """Slow starts: a ``delay_prob`` share of the curves f (n, m) shifted right by t0 ~
