@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pfn import Predictor
@@ -96,19 +97,40 @@ def curvecast_rows(name: str, threads: int) -> dict[str, Callable[[int], Callabl
 
         return run
 
+    def torch_decay_make(b: int) -> Callable[[], object]:
+        inp = curvecast_inputs(b)
+        flags = torch.ones(b)
+
+        def run() -> object:
+            with torch.inference_mode():
+                return model.predict(*inp, flags)
+
+        return run
+
+    decay = model.cfg.decay_input  # the decay branch runs only for curves with lr_decay=True
     rows = {f"{tag}, torch": torch_make}
+    if decay:
+        rows[f"{tag} with lr_decay, torch"] = torch_decay_make
     try:
         from serve.export import export_onnx
         from serve.runtime import OnnxRuntime
 
-        path = export_onnx(model, Path(tempfile.mkdtemp()) / "m.onnx")
-        ort_rt = OnnxRuntime(path, threads=threads)
+        tmp = Path(tempfile.mkdtemp())
+        ort_rt = OnnxRuntime(export_onnx(model, tmp / "m.onnx"), threads=threads,
+                             decay_path=export_onnx(model, tmp / "d.onnx", True) if decay else None)
 
         def ort_make(b: int) -> Callable[[], object]:
             inp = [x.numpy() for x in curvecast_inputs(b)]
             return lambda: ort_rt.run_numpy(*inp)
 
+        def ort_decay_make(b: int) -> Callable[[], object]:
+            inp = [x.numpy() for x in curvecast_inputs(b)]
+            flags = np.ones(b, np.float32)
+            return lambda: ort_rt.run_numpy(*inp, flags)
+
         rows[f"{tag}, onnxruntime"] = ort_make
+        if decay:
+            rows[f"{tag} with lr_decay, onnxruntime"] = ort_decay_make
     except ImportError as e:
         print(f"(onnxruntime row skipped: {e})")
     return rows

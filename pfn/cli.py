@@ -156,6 +156,9 @@ def eval_command(
         help="MCMC settings: default (annealed, ~0.3 s/curve), paper (emcee-like MCMC-PP), "
              "gold (slow, careful), quick (a smoke test)")] = "default",
     seed: Annotated[int, typer.Option(help="seed for prior curves and subsets")] = 0,
+    decay_sources: Annotated[str, typer.Option(
+        help="comma-separated sources of the curve files whose runs decay their learning rate "
+             "before the horizon: their curves are sent with lr_decay=true")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="print JSON rows")] = False,
 ) -> None:
     """Evaluate a model and the baselines on prior curves and on curve files."""
@@ -176,7 +179,9 @@ def eval_command(
             raise CurvecastError(f"--reference: unknown {reference!r}; use mcmc")
         for path in curves or []:
             for f in filter_ or ["all"]:
-                rows += ev.evaluate_file(methods, path, f, max_curves=max_curves, seed=seed)
+                rows += ev.evaluate_file(methods, path, f, max_curves=max_curves, seed=seed,
+                                         decay_sources=[s for s in decay_sources.split(",")
+                                                        if s])
     except (CurvecastError, OSError) as e:
         raise _fail(e) from e
     if as_json:

@@ -80,7 +80,7 @@ DEFAULT_QUANTILES: tuple[float, ...] = (0.05, 0.5, 0.95)
 MAX_CHECKED_EPOCHS = 32  # remaining epochs queried per trial (evenly spaced when more remain)
 EI_LEVELS = 64  # quantile levels averaged to estimate the expected improvement
 EARLY_STOP_CURVE_KEYS = frozenset(
-    {"epochs", "values", "horizon", "query_epochs", "direction", "bounds"}
+    {"epochs", "values", "horizon", "query_epochs", "direction", "bounds", "lr_decay"}
 )
 REQUEST_KEYS = frozenset({"curves", "incumbents", "rule", "quantiles"})
 
@@ -510,6 +510,8 @@ def curve_to_dict(c: Any) -> dict[str, Any]:
     b = getattr(c, "bounds", None)
     if b is not None:
         d["bounds"] = [None if x is None else float(x) for x in b]
+    if getattr(c, "lr_decay", False):
+        d["lr_decay"] = True
     return d
 
 

@@ -38,10 +38,12 @@ LAST_VALUE_SIGMA = 0.05
 _Z = {0.5: NormalDist().inv_cdf(0.75), 0.9: NormalDist().inv_cdf(0.95)}
 
 
-def prior_log_likelihood(model: PFN, y: Tensor, cutoff: int, batch: int = 1024) -> Tensor:
+def prior_log_likelihood(model: PFN, y: Tensor, cutoff: int, batch: int = 1024,
+                         decay: Tensor | None = None) -> Tensor:
     """Per-curve mean log-density of the noisy values after ``cutoff`` (paper protocol).
 
-    y: (n, m) noisy prior curves over epochs 1..m; the first ``cutoff`` epochs are observed.
+    y: (n, m) noisy prior curves over epochs 1..m; the first ``cutoff`` epochs are observed;
+    decay (n,): their learning-rate-decay flags for a model with a decay input (None: 0).
     """
     n, m = y.shape
     t = torch.arange(1, m + 1, dtype=torch.float32, device=y.device) / m
@@ -55,6 +57,7 @@ def prior_log_likelihood(model: PFN, y: Tensor, cutoff: int, batch: int = 1024) 
                 yb[:, :cutoff],
                 torch.ones(b, cutoff, dtype=torch.bool, device=y.device),
                 t[cutoff:].expand(b, m - cutoff),
+                None if decay is None else decay[s : s + batch],
             )
             out.append(model.bar.log_density(logits.float(), yb[:, cutoff:]).mean(1))
     return torch.cat(out)
@@ -69,6 +72,8 @@ class Cases:
     xq: list[np.ndarray]  # query epochs per case
     yq: list[np.ndarray]  # true values at the query epochs
     horizon: np.ndarray  # (n_cases,)
+    decay: np.ndarray | None = None  # (n_cases,) bool: the run's learning rate decays
+    # before its horizon (Curve.lr_decay; None: all False)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -165,7 +170,9 @@ def pfn_method(predictor: Any, batch: int = 256) -> Method:
         for s in range(0, len(cases), batch):
             idx = range(s, min(s + batch, len(cases)))
             curves = [Curve(cases.x[i], cases.y[i], float(cases.horizon[i]),
-                            query_epochs=cases.xq[i], bounds=(0.0, 1.0)) for i in idx]
+                            query_epochs=cases.xq[i], bounds=(0.0, 1.0),
+                            lr_decay=bool(cases.decay is not None and cases.decay[i]))
+                      for i in idx]
             post, _ = predictor.posterior_all(curves)
             yq = np.concatenate([cases.yq[i] for i in idx])[:, None]
             q = post.quantile([0.05, 0.25, 0.75, 0.95])
@@ -221,7 +228,7 @@ def load_curve_file(path: str | Path, filter_: str | None = None,
     return {k: v[idx] for k, v in d.items() if v.ndim >= 1 and len(v) == len(keep)}
 
 
-def file_cases(d: dict[str, np.ndarray], frac: float) -> Cases:
+def file_cases(d: dict[str, np.ndarray], frac: float, decay: np.ndarray | None = None) -> Cases:
     xs, ys, xqs, yqs, hs = [], [], [], [], []
     for i in range(len(d["lengths"])):
         n = int(d["lengths"][i])
@@ -233,12 +240,13 @@ def file_cases(d: dict[str, np.ndarray], frac: float) -> Cases:
         xqs.append(x[c:])
         yqs.append(y[c:])
         hs.append(max(float(d["budget"][i]), float(x[-1])))
-    return Cases(xs, ys, xqs, yqs, np.array(hs))
+    return Cases(xs, ys, xqs, yqs, np.array(hs), decay)
 
 
 def _subset(c: Cases, idx: np.ndarray) -> Cases:
     return Cases([c.x[i] for i in idx], [c.y[i] for i in idx], [c.xq[i] for i in idx],
-                 [c.yq[i] for i in idx], c.horizon[idx])
+                 [c.yq[i] for i in idx], c.horizon[idx],
+                 None if c.decay is None else c.decay[idx])
 
 
 def evaluate_methods(methods: dict[str, Method], cases: Cases, source: str,
@@ -256,13 +264,20 @@ def evaluate_prior(methods: dict[str, Method], n_curves: int = 1000,
 
 def evaluate_file(methods: dict[str, Method], path: str | Path, filter_: str | None = None,
                   fractions: Sequence[float] = FRACTIONS, max_curves: int | None = None,
-                  seed: int = 0) -> list[Row]:
+                  seed: int = 0, decay_sources: Sequence[str] = ()) -> list[Row]:
+    """Rows per (source, fraction, method); the curves of ``decay_sources`` are marked as runs
+    whose learning rate decays before the horizon (``Curve.lr_decay``)."""
     d = load_curve_file(path, filter_, max_curves, seed)
     sources = sorted(set(d["source"].tolist()))
+    unknown = sorted(set(decay_sources) - set(sources))
+    if unknown:
+        raise CurvecastError(f"--decay-sources: {unknown} are not sources of {path}; it has "
+                             f"{sources}; name sources of the file")
+    decay = np.isin(d["source"], list(decay_sources)) if decay_sources else None
     tag = f"/{filter_}" if filter_ and filter_ != "all" else ""
     rows: list[Row] = []
     for frac in fractions:
-        cases = file_cases(d, frac)
+        cases = file_cases(d, frac, decay)
         for src in sources:
             idx = np.flatnonzero(d["source"] == src)
             rows += evaluate_methods(methods, _subset(cases, idx), src + tag, f"{frac:g}")

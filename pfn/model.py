@@ -70,6 +70,8 @@ STEP_GAIN = 4.0
 # normal), the floor of that sd (a sixtieth of the narrowest inner bucket of the shipped
 # borders, 6.1e-4: a Gaussian that narrow sits in one bucket anyway) and its MLP's hidden width
 GAUSS_LOGIT0 = -3.0
+# hidden width of the decay adapters (PFNConfig.decay_input), one per block
+DECAY_HIDDEN = 64
 GAUSS_QUANTILES = (0.15865525393145707, 0.5, 0.8413447460685429)
 GAUSS_SD_MIN = 1e-5
 GAUSS_HIDDEN = 64
@@ -94,6 +96,10 @@ class PFNConfig:
     # point, (y - y_last, t - t_last), through its own encoder (see PFN.embed); off in old weights
     gauss_head: bool = False  # per-query weight w and width s mixing the output with a
     # Gaussian at its own median, in its buckets (see PFN.gauss_mix); off in old weights
+    decay_input: bool = False  # a per-curve flag, 1 when the run's learning rate decays
+    # before its horizon (the prior's anneal branch): a learned vector on every token and a
+    # residual adapter after every block, both times the flag (see PFN.hidden); with the flag
+    # at 0 (constant or unknown) the model answers exactly as without them
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -228,6 +234,12 @@ class PFN(nn.Module):
         self.y_enc = _mlp(cfg.encoder_hidden, cfg.d_model)
         self.step_enc = _mlp(cfg.encoder_hidden, cfg.d_model, 2) if cfg.step_inputs else None
         self.anchor_enc = _mlp(cfg.encoder_hidden, cfg.d_model, 3) if cfg.anchor_inputs else None
+        # the decay branch (see hidden): a vector and an adapter per block, zero-initialised
+        # (their output layers): a warm-started model answers as before for either flag value
+        self.decay_emb = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.decay_input else None
+        self.decay_adapters = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(cfg.d_model), *_mlp(DECAY_HIDDEN, cfg.d_model, cfg.d_model))
+            for _ in range(cfg.n_layers)) if cfg.decay_input else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.n_buckets)
@@ -242,7 +254,7 @@ class PFN(nn.Module):
             self.reset_sharpen()
         # start silent: a warm-started model answers as before (the Gaussian head: almost,
         # w = 0.047 at a zero output)
-        for enc in (self.step_enc, self.anchor_enc, self.gauss):
+        for enc in (self.step_enc, self.anchor_enc, self.gauss, *(self.decay_adapters or ())):
             if enc is not None:
                 last = enc[-1]
                 assert isinstance(last, nn.Linear)
@@ -261,7 +273,7 @@ class PFN(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
 
-    def embed(self, t: Tensor, y: Tensor, is_ctx: Tensor) -> Tensor:
+    def embed(self, t: Tensor, y: Tensor, is_ctx: Tensor, decay: Tensor | None = None) -> Tensor:
         """Token embeddings (B, L, E): enc(t) for every token, + enc(y) for context tokens,
         + with step inputs, enc(dy, dt) of the step from the previous context point. A step is
         what the noise level and the local slope are made of; from y alone the model has to
@@ -269,7 +281,8 @@ class PFN(nn.Module):
         inputs*): +0.023 log-likelihood at cutoff 10 for the same 192k curves of training.
         With anchor inputs, + enc(dy, dt, is_ctx) of the token's offset from the last context
         point, on the same log scales: the end of the curve at the resolution of its noise,
-        which extrapolation from a quiet curve needs and enc(y) blurs."""
+        which extrapolation from a quiet curve needs and enc(y) blurs. With decay inputs,
+        + decay (B,) times a learned vector on every token (None: 0; see ``hidden``)."""
         y = torch.where(is_ctx, y, torch.zeros_like(y))  # queries and padding carry no value
         ctx = is_ctx.unsqueeze(-1).to(t.dtype)  # (B, L, 1)
         h = self.t_enc(t.unsqueeze(-1)) + self.y_enc(y.unsqueeze(-1)) * ctx  # (B, L, E)
@@ -281,6 +294,8 @@ class PFN(nn.Module):
             dy, dt = anchor_offsets(t, y, is_ctx)
             x = torch.stack([_signed_log(dy, DY_UNIT), _signed_log(dt, DT_UNIT), ctx[..., 0]], -1)
             h = h + STEP_GAIN * self.anchor_enc(x)  # (B, L, E)
+        if self.decay_emb is not None and decay is not None:
+            h = h + decay.to(h.dtype)[:, None, None] * self.decay_emb  # (B, L, E)
         return h
 
     def set_attention(self, fn: AttentionFn | None) -> None:
@@ -288,17 +303,31 @@ class PFN(nn.Module):
         which never builds the L×L mask); None restores SDPA. Training always uses SDPA."""
         self.attention_fn = fn
 
-    def hidden(self, t: Tensor, y: Tensor, is_ctx: Tensor, start: int = 0) -> Tensor:
+    def hidden(self, t: Tensor, y: Tensor, is_ctx: Tensor, start: int = 0,
+               decay: Tensor | None = None) -> Tensor:
         """Final hidden states (B, L - start, E) of tokens start.. for t, y (B, L) float and
         is_ctx (B, L) bool. With start > 0 (inference: the queries follow the context) the
-        last block computes only those rows, which equals slicing the full result."""
+        last block computes only those rows, which equals slicing the full result.
+
+        The decay branch (decay (B,), models with ``decay_input``): a run whose learning rate
+        decays before its horizon gains late what its early values cannot show, so the flag
+        must come from the caller. It adds decay times a vector to every token and, after every
+        block, decay times an adapter of the block's output (pre-LN MLP, residual). At decay =
+        0 (or None) both vanish: the model is exactly its body, which can be kept frozen while
+        the branch trains (``TrainConfig.trainable = "decay"``)."""
         attn = None if self.training else self.attention_fn
         mask = pfn_attention_mask(is_ctx) if attn is None else is_ctx  # what attention takes
-        h = self.embed(t, y, is_ctx)
+        h = self.embed(t, y, is_ctx, decay)
+        gate = None
+        if self.decay_adapters is not None and decay is not None:
+            gate = decay.to(h.dtype)[:, None, None]  # (B, 1, 1)
         rows_only = start > 0 and attn is None  # the last block computes rows start.. only
         for i, blk in enumerate(self.blocks):
             last = rows_only and i == len(self.blocks) - 1
             h = blk(h, mask, attn, start if last else 0)  # (B, L, E); last: (B, L - start, E)
+            if gate is not None:
+                assert self.decay_adapters is not None
+                h = h + gate * self.decay_adapters[i](h)
         if start > 0 and not rows_only:
             h = h[:, start:]  # (B, L - start, E)
         return self.ln_f(h)
@@ -368,21 +397,24 @@ class PFN(nn.Module):
         a = (a + GAUSS_LOGIT0).unsqueeze(-1)
         return torch.logaddexp(F.logsigmoid(-a) + logp, F.logsigmoid(a) + log_g)
 
-    def forward(self, t: Tensor, y: Tensor, is_ctx: Tensor, select: Tensor | None = None) -> Tensor:
+    def forward(self, t: Tensor, y: Tensor, is_ctx: Tensor, select: Tensor | None = None,
+                decay: Tensor | None = None) -> Tensor:
         """Logits (B, L, n_buckets), or (N, n_buckets) for the N tokens where select is True
-        (training: the head runs on query tokens only)."""
-        h = self.hidden(t, y, is_ctx)  # (B, L, E)
+        (training: the head runs on query tokens only); decay (B,) as in ``embed``."""
+        h = self.hidden(t, y, is_ctx, decay=decay)  # (B, L, E)
         return self.bucket_logits(h if select is None else h[select])
 
-    def predict(self, t_ctx: Tensor, y_ctx: Tensor, ctx_mask: Tensor, t_qry: Tensor) -> Tensor:
+    def predict(self, t_ctx: Tensor, y_ctx: Tensor, ctx_mask: Tensor, t_qry: Tensor,
+                decay: Tensor | None = None) -> Tensor:
         """Logits (B, Q, n_buckets) for query epochs t_qry (B, Q) given a padded context
-        t_ctx, y_ctx (B, K) whose valid entries ctx_mask (B, K) marks. Inference layout: the
-        head runs on query tokens only."""
+        t_ctx, y_ctx (B, K) whose valid entries ctx_mask (B, K) marks, and with decay inputs
+        each curve's flag decay (B,) (None: 0). Inference layout: the head runs on query
+        tokens only."""
         K = t_ctx.shape[1]
         t = torch.cat([t_ctx, t_qry], 1)  # (B, K+Q)
         y = torch.cat([y_ctx, torch.zeros_like(t_qry)], 1)  # (B, K+Q)
         is_ctx = torch.cat([ctx_mask, torch.zeros_like(t_qry, dtype=torch.bool)], 1)
-        return self.bucket_logits(self.hidden(t, y, is_ctx, start=K))  # (B, Q, n_buckets)
+        return self.bucket_logits(self.hidden(t, y, is_ctx, start=K, decay=decay))  # (B,Q,n)
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -52,8 +52,9 @@ from pfn.model import PFN
 
 ArrayLike = Sequence[float] | np.ndarray
 Direction = Literal["max", "min"]
-# (t_ctx, y_ctx, ctx_mask, t_qry) -> logits (B, Q, n_buckets)
-Runtime = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+# (t_ctx, y_ctx, ctx_mask, t_qry) -> logits (B, Q, n_buckets); for a model with a decay input
+# (PFNConfig.decay_input) also the curves' flags, (..., decay (B,) float32)
+Runtime = Callable[..., Tensor]
 
 
 @dataclass
@@ -66,6 +67,9 @@ class Curve:
     query_epochs: ArrayLike | None = None  # epochs to predict; default [horizon]
     direction: Direction = "max"  # "max" for accuracies, "min" for losses
     bounds: tuple[float | None, float | None] | None = None  # known (worst/best-agnostic) range
+    lr_decay: bool = False  # the run's learning rate decays before the horizon (a step or a
+    # smooth schedule tied to the budget: cosine, linear, exponential); a model with a decay
+    # input then expects the late gains such a schedule brings; False: constant or unknown
     meta: dict[str, Any] = field(default_factory=dict)  # free-form, passed through
 
 
@@ -81,6 +85,7 @@ class Prepared:
     query_epochs: list[np.ndarray]  # per curve, in the caller's units
     scale: Tensor  # (B,) raw = offset + scale * y_n (negative for direction "min")
     offset: Tensor  # (B,)
+    decay: Tensor  # (B,) float32 learning-rate-decay flags (Curve.lr_decay)
 
 
 class Posterior:
@@ -220,6 +225,7 @@ class Predictor:
         meta = self.config.get("meta", {})
         self.max_context = max_context or int(meta.get("max_context", 99))
         self.runtime: Runtime = runtime or self._torch_runtime
+        self.decay_input = bool(model.cfg.decay_input)  # the runtime takes the decay flags
 
     @classmethod
     def load(
@@ -236,9 +242,17 @@ class Predictor:
     def sha256(self) -> str:
         return str(self.config.get("sha256", ""))
 
-    def _torch_runtime(self, t_ctx: Tensor, y_ctx: Tensor, m: Tensor, t_q: Tensor) -> Tensor:
+    def _torch_runtime(self, t_ctx: Tensor, y_ctx: Tensor, m: Tensor, t_q: Tensor,
+                       decay: Tensor | None = None) -> Tensor:
         with torch.inference_mode():
-            return self.model.predict(t_ctx, y_ctx, m, t_q)
+            return self.model.predict(t_ctx, y_ctx, m, t_q, decay)
+
+    def run(self, p: Prepared) -> Tensor:
+        """Logits (B, Q, n_buckets) for a prepared batch through the runtime (the decay flags
+        only when one is set: at 0 the decay branch adds nothing, and eager torch skips it)."""
+        if self.decay_input and bool(p.decay.any()):
+            return self.runtime(p.t_ctx, p.y_ctx, p.ctx_mask, p.t_qry, p.decay)
+        return self.runtime(p.t_ctx, p.y_ctx, p.ctx_mask, p.t_qry)
 
     def prepare(self, curves: Sequence[Curve]) -> Prepared:
         """Validate, normalise and pad a batch of curves."""
@@ -246,6 +260,13 @@ class Predictor:
             raise CurveError(None, "curves", "is empty", "send at least one curve")
         ctx_t, ctx_y, q_t, q_ep, scales, offsets = [], [], [], [], [], []
         for i, c in enumerate(curves):
+            if not isinstance(c.lr_decay, (bool, np.bool_)):
+                raise CurveError(i, "lr_decay", f"must be true or false, got {c.lr_decay!r}",
+                                 "send a boolean")
+            if c.lr_decay and not self.decay_input:
+                raise CurveError(i, "lr_decay", "is true, but this model has no decay input "
+                                 f"(model sha256 {self.sha256[:12] or 'unknown'})",
+                                 "load a model with one (the default) or leave lr_decay false")
             h = c.horizon
             if not isinstance(h, (int, float)) or not np.isfinite(h) or h <= 0:
                 raise CurveError(i, "horizon", f"must be a positive number, got {h!r}",
@@ -312,12 +333,13 @@ class Predictor:
             query_epochs=q_ep,
             scale=torch.tensor(scales, dtype=torch.float64),
             offset=torch.tensor(offsets, dtype=torch.float64),
+            decay=torch.tensor([float(c.lr_decay) for c in curves], dtype=torch.float32),
         )
 
     def posterior_all(self, curves: Sequence[Curve]) -> tuple[Posterior, list[int]]:
         """One Posterior over every query of every curve (rows concatenated) and row offsets."""
         p = self.prepare(curves)
-        logits = self.runtime(p.t_ctx, p.y_ctx, p.ctx_mask, p.t_qry).float()
+        logits = self.run(p).float()
         rows = torch.cat([logits[b, :q] for b, q in enumerate(p.n_query)])  # (R, n)
         reps = torch.tensor(p.n_query)
         starts = np.concatenate([[0], np.cumsum(p.n_query)]).tolist()

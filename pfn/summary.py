@@ -8,7 +8,8 @@ Request (a dict, e.g. parsed JSON)::
                  "quantiles": [0.1, 0.9], "thresholds": [0.8], "density_at": [0.7]}],
      "quantiles": [0.05, 0.25, 0.5, 0.75, 0.95]}
 
-Only ``epochs``, ``values`` and ``horizon`` are required. ``null`` (or NaN) values are
+Only ``epochs``, ``values`` and ``horizon`` are required. ``"lr_decay": true`` says the run's
+learning rate decays before the horizon (``pfn.Curve.lr_decay``). ``null`` (or NaN) values are
 missing observations and are dropped with their epoch. A curve's own ``quantiles`` replace the
 request-level ones for that curve. Response, one entry per curve::
 
@@ -41,7 +42,7 @@ MAX_ABS_VALUE = 1e12  # largest |number| accepted for values, bounds, thresholds
 MIN_BOUNDS_SPAN = 1e-12  # smallest hi - lo of explicit bounds (float32 answers stay finite)
 CURVE_KEYS = frozenset(
     {"epochs", "values", "horizon", "query_epochs", "direction", "bounds", "quantiles",
-     "thresholds", "density_at"}
+     "thresholds", "density_at", "lr_decay"}
 )
 
 
@@ -131,6 +132,12 @@ def curves_from_json(obj: Any) -> list[Curve]:
     return request_from_json(obj)[0]
 
 
+def _flag(v: Any, i: int, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise CurveError(i, name, f"must be true or false, got {v!r}", "send a JSON boolean")
+    return v
+
+
 def request_from_json(obj: Any) -> tuple[list[Curve], list[SummarySpec]]:
     """Parse a request dict (see the module docstring) into curves and per-curve specs.
 
@@ -176,6 +183,7 @@ def request_from_json(obj: Any) -> tuple[list[Curve], list[SummarySpec]]:
             query_epochs=None if qe is None else _numbers(qe, i, "query_epochs"),
             direction=direction,
             bounds=check_bounds(c.get("bounds"), i),
+            lr_decay=_flag(c.get("lr_decay", False), i, "lr_decay"),
         ))
         specs.append(SummarySpec(
             quantiles=default_q if c.get("quantiles") is None

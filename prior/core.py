@@ -35,6 +35,8 @@ class CurveBatch:
     y: Tensor  # (n, m) float32 noisy observations (the training targets)
     f: Tensor  # (n, m) float32 noise-free curves
     sigma: Tensor  # (n,) float32 noise standard deviation of each curve
+    annealed: Tensor | None = None  # (n,) bool: drawn into the learning-rate-decay branch
+    # (CurvePrior.anneal_prob; all False without it): a model with decay inputs sees it
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -176,8 +178,9 @@ class CurvePrior:
             f = self._converge(f, generator)
         if self.decline_prob > 0:
             f = self._decline(f, generator)
+        annealed = torch.zeros(n, dtype=torch.bool)
         if self.anneal_prob > 0:
-            f = self._anneal(f, generator)
+            f, annealed = self._anneal(f, generator)
         if self.flat_prob > 0:
             f = self._flat(f, generator)
         if self.delay_prob > 0:
@@ -186,7 +189,7 @@ class CurvePrior:
         sigma = (self.log_sigma_mean + self.log_sigma_std * z).exp()
         y = torch.randn(n, m, generator=generator).mul_(sigma[:, None]).add_(f)
         x = torch.arange(1, m + 1, dtype=torch.float32)
-        return CurveBatch(x=x, y=y, f=f, sigma=sigma)
+        return CurveBatch(x=x, y=y, f=f, sigma=sigma, annealed=annealed)
 
     def _converge(self, f: Tensor, g: torch.Generator) -> Tensor:
         """Early convergence: a ``converge_prob`` share of the curves f (n, m) run their whole
@@ -220,24 +223,26 @@ class CurvePrior:
         drop = (self.decline_max * u[:, 2] * on)[:, None] * (peak - f[:, :1])  # (n, 1)
         return flat - drop * frac
 
-    def _anneal(self, f: Tensor, g: torch.Generator) -> Tensor:
+    def _anneal(self, f: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         """Learning-rate decay: an ``anneal_prob`` share of the curves f (n, m) gain up to b
         (f(m) - f(1)) from an epoch s on (see the field comments); a curve with f(m) <= f(1)
         gains nothing, and the gain is capped at 1 - max f, so values stay in [0, 1] and the
-        curve's values before s are unchanged."""
+        curve's values before s are unchanged. Returns the curves and which were drawn into
+        the branch (n,) bool (a drawn curve's gain may be 0 or tiny)."""
         n, m = f.shape
         u = torch.rand(n, 6, generator=g)
         s = 1 + (u[:, 1] * math.floor(self.anneal_start * m)).long()  # (n,) in 1..start m
         rise = (f[:, -1] - f[:, 0]).clamp(min=0)
         gain = torch.minimum(self.anneal_max * u[:, 2] * rise, 1.0 - f.amax(1).clamp(max=1.0))
-        gain = torch.where(u[:, 0] < self.anneal_prob, gain, torch.zeros_like(gain))  # (n,)
+        on = u[:, 0] < self.anneal_prob  # (n,)
+        gain = torch.where(on, gain, torch.zeros_like(gain))  # (n,)
         dt = (torch.arange(1, m + 1)[None, :] - s[:, None]).clamp(min=0).float()  # (n, m)
         w = torch.exp(math.log(0.5) + u[:, 4] * math.log(m / 5))  # (n,) in [1/2, m/10]
         k = torch.exp(u[:, 5] * math.log(3.0))  # (n,) in [1, 3]
         jump = 1 - torch.exp(-dt / w[:, None])  # (n, m) a step decay
         ramp = (dt / (m - s).clamp(min=1)[:, None]) ** k[:, None]  # (n, m) a smooth decay
         shape = torch.where((u[:, 3] < 0.5)[:, None], jump, ramp)
-        return f + gain[:, None] * shape
+        return f + gain[:, None] * shape, on
 
     def _flat(self, f: Tensor, g: torch.Generator) -> Tensor:
         """Runs that never learn: a ``flat_prob`` share of the curves f (n, m) constant at

@@ -201,6 +201,7 @@ def to_curves(curves: Sequence[P.CurveBase], quantiles: list[float]
             query_epochs=c.query_epochs,
             direction=c.direction,
             bounds=check_bounds(list(c.bounds), i) if c.bounds is not None else None,
+            lr_decay=c.lr_decay,
         ))
         if isinstance(c, P.CurveIn):
             specs.append(SummarySpec(

@@ -110,25 +110,31 @@ def export_onnx_command(
     out: Annotated[Path | None, typer.Option(help="write here instead of the cache")] = None,
     quantize: Annotated[bool, typer.Option(help="also write the int8 model")] = False,
 ) -> None:
-    """Export a model to ONNX (cached next to its weights, keyed by their sha256)."""
+    """Export a model to ONNX (cached next to its weights, keyed by their sha256); a model
+    with a decay branch gets its second graph too (``--out F``: beside F as F.decay.onnx)."""
     from pfn.errors import CurvecastError
     from pfn.io import load_model, resolve_model_dir
     from serve.export import ensure_onnx, export_onnx, quantize_onnx
 
+    paths = []
     try:
         model_dir = resolve_model_dir(model)
         m, cfg = load_model(model_dir)
-        if out is not None:
-            path = export_onnx(m, out)
-            if quantize:
-                path = quantize_onnx(path, out.with_suffix(".int8.onnx"))
-        else:
-            path = ensure_onnx(m, model_dir, str(cfg["sha256"]),
-                               ServeSettings().onnx_cache_dir, quantized=quantize)
+        for decay in (False, True) if m.cfg.decay_input else (False,):
+            if out is not None:
+                dst = out.with_suffix(".decay.onnx") if decay else out
+                path = export_onnx(m, dst, decay)
+                if quantize:
+                    path = quantize_onnx(path, dst.with_suffix(".int8.onnx"))
+            else:
+                path = ensure_onnx(m, model_dir, str(cfg["sha256"]),
+                                   ServeSettings().onnx_cache_dir, quantized=quantize,
+                                   decay=decay)
+            paths.append(path)
     except (CurvecastError, OSError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
-    typer.echo(str(path))
+    typer.echo("\n".join(str(p) for p in paths))
 
 
 def register(app: typer.Typer) -> None:

@@ -51,6 +51,7 @@ class Curve:
     query_epochs: ArrayLike | None = None  # epochs to predict; default [horizon]
     direction: Literal["max", "min"] = "max"  # "max" for accuracies, "min" for losses
     bounds: tuple[float | None, float | None] | None = None  # known range of the metric
+    lr_decay: bool = False  # the run's learning rate decays before the horizon
     meta: dict[str, Any] = field(default_factory=dict)  # kept client-side, not sent
 
 
@@ -95,6 +96,8 @@ def curve_json(c: Any) -> dict[str, Any]:
         d["direction"] = c.direction
     if getattr(c, "bounds", None) is not None:
         d["bounds"] = [None if b is None else float(b) for b in c.bounds]
+    if getattr(c, "lr_decay", False):
+        d["lr_decay"] = True
     return d
 
 

@@ -2,9 +2,12 @@
 
 The graph has four inputs with dynamic batch ``B``, context length ``K`` and query count ``Q``:
 ``t_ctx`` (B, K) f32, ``y_ctx`` (B, K) f32, ``ctx_mask`` (B, K) bool, ``t_qry`` (B, Q) f32, and one
-output ``logits`` (B, Q, n_buckets) f32 — exactly ``PFN.predict``.
+output ``logits`` (B, Q, n_buckets) f32 — exactly ``PFN.predict``. A model with a decay branch
+(``PFNConfig.decay_input``) gets a second graph, ``decay=True``, with a fifth input ``decay`` (B,)
+f32, each curve's learning-rate-decay flag: the first graph leaves the branch out (it adds
+nothing at flag 0), so batches without a flag run as fast as the model without it.
 
-Cache: ``pfn-<weights sha256>.v<EXPORT_VERSION>[.int8].onnx``, next to the weights when that
+Cache: ``pfn-<weights sha256>.v<EXPORT_VERSION>[.decay][.int8].onnx``, next to the weights when that
 directory is writable, else in the user cache directory (``~/.cache/curvecast``). The key is the
 weights' sha256 plus this module's export version (bump it when the export changes), and the
 server re-checks every loaded file against eager torch (``serve.runtime.check_parity``).
@@ -28,6 +31,7 @@ from pfn.model import PFN
 EXPORT_VERSION = 2  # bump when the exported graph changes for the same weights
 OPSET = 20
 INPUT_NAMES = ("t_ctx", "y_ctx", "ctx_mask", "t_qry")
+DECAY_INPUT = "decay"  # the fifth input of a model with a decay input
 OUTPUT_NAME = "logits"
 
 log = logging.getLogger("curvecast.serve")
@@ -44,24 +48,42 @@ class PredictGraph(nn.Module):
         return self.model.predict(t_ctx, y_ctx, ctx_mask, t_qry)
 
 
-def onnx_filename(sha256: str, quantized: bool = False) -> str:
+class PredictDecayGraph(PredictGraph):
+    """The same with the decay flags (B,) as a fifth input."""
+
+    def forward(self, t_ctx: Tensor, y_ctx: Tensor, ctx_mask: Tensor,  # type: ignore[override]
+                t_qry: Tensor, decay: Tensor) -> Tensor:
+        return self.model.predict(t_ctx, y_ctx, ctx_mask, t_qry, decay)
+
+
+def onnx_filename(sha256: str, quantized: bool = False, decay: bool = False) -> str:
     if not sha256:
         raise ValueError("sha256: the model has no weights digest; cannot key the ONNX cache")
-    return f"pfn-{sha256}.v{EXPORT_VERSION}{'.int8' if quantized else ''}.onnx"
+    return (f"pfn-{sha256}.v{EXPORT_VERSION}{'.decay' if decay else ''}"
+            f"{'.int8' if quantized else ''}.onnx")
 
 
-def export_onnx(model: PFN, path: str | Path) -> Path:
-    """Export ``model.predict`` to ``path`` (atomically: a crash never leaves a partial file)."""
+def export_onnx(model: PFN, path: str | Path, decay: bool = False) -> Path:
+    """Export ``model.predict`` to ``path`` (atomically: a crash never leaves a partial file);
+    with ``decay`` the graph of a model with a decay branch that takes the flags."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    graph = PredictGraph(model.eval()).eval()
+    if decay and not model.cfg.decay_input:
+        raise ValueError("decay: this model has no decay branch (PFNConfig.decay_input)")
+    graph = (PredictDecayGraph if decay else PredictGraph)(model.eval()).eval()
     # distinct sizes >= 2 so that torch.export neither specialises nor unifies the dims
-    ex = (torch.rand(3, 7), torch.rand(3, 7), torch.rand(3, 7) > 0.3, torch.rand(3, 5))
+    ex: tuple[Tensor, ...] = (torch.rand(3, 7), torch.rand(3, 7), torch.rand(3, 7) > 0.3,
+                              torch.rand(3, 5))
     b = torch.export.Dim("batch", min=1, max=1 << 20)
     k = torch.export.Dim("n_ctx", min=1, max=1 << 20)
     q = torch.export.Dim("n_qry", min=1, max=1 << 20)
     shapes = {"t_ctx": {0: b, 1: k}, "y_ctx": {0: b, 1: k}, "ctx_mask": {0: b, 1: k},
               "t_qry": {0: b, 1: q}}
+    names = list(INPUT_NAMES)
+    if decay:
+        ex += (torch.tensor([0.0, 1.0, 0.0]),)
+        shapes[DECAY_INPUT] = {0: b}
+        names.append(DECAY_INPUT)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".onnx")
     os.close(fd)
     quiet = logging.getLogger("torch.onnx")  # "torchvision is not installed" and the like
@@ -72,7 +94,7 @@ def export_onnx(model: PFN, path: str | Path) -> Path:
                 contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
             warnings.simplefilter("ignore")  # exporter chatter (axis renames, deprecations)
             program = torch.onnx.export(
-                graph, ex, dynamo=True, dynamic_shapes=shapes, input_names=list(INPUT_NAMES),
+                graph, ex, dynamo=True, dynamic_shapes=shapes, input_names=names,
                 output_names=[OUTPUT_NAME], opset_version=OPSET, optimize=True, verbose=False,
             )
             assert program is not None
@@ -117,9 +139,9 @@ def _writable(d: Path) -> bool:
     return True
 
 
-def find_cached(model_dir: Path, cache_dir: Path, sha256: str, quantized: bool = False
-                ) -> Path | None:
-    name = onnx_filename(sha256, quantized)
+def find_cached(model_dir: Path, cache_dir: Path, sha256: str, quantized: bool = False,
+                decay: bool = False) -> Path | None:
+    name = onnx_filename(sha256, quantized, decay)
     for d in (model_dir, cache_dir):
         if (d / name).is_file():
             return d / name
@@ -133,10 +155,11 @@ def default_cache_dir() -> Path:
 
 
 def ensure_onnx(model: PFN, model_dir: Path, sha256: str, cache_dir: Path,
-                quantized: bool = False, force: bool = False) -> Path:
-    """The cached ONNX file for these weights, exporting (and quantising) it on a miss."""
+                quantized: bool = False, force: bool = False, decay: bool = False) -> Path:
+    """The cached ONNX file for these weights (with ``decay``, the graph with the decay
+    flags), exporting (and quantising) it on a miss."""
     if not force:
-        hit = find_cached(model_dir, cache_dir, sha256, quantized)
+        hit = find_cached(model_dir, cache_dir, sha256, quantized, decay)
         if hit is not None:
             return hit
     target_dir = model_dir if _writable(model_dir) else cache_dir
@@ -144,12 +167,12 @@ def ensure_onnx(model: PFN, model_dir: Path, sha256: str, cache_dir: Path,
         raise OSError(f"cannot write the ONNX export to {model_dir} or {cache_dir}; "
                       "set CURVECAST_CACHE_DIR to a writable directory")
     target_dir.mkdir(parents=True, exist_ok=True)
-    fp32 = target_dir / onnx_filename(sha256, False)
+    fp32 = target_dir / onnx_filename(sha256, False, decay)
     if force or not fp32.is_file():
         log.info("exporting the model to ONNX: %s", fp32)
-        export_onnx(model, fp32)
+        export_onnx(model, fp32, decay)
     if not quantized:
         return fp32
-    int8 = target_dir / onnx_filename(sha256, True)
+    int8 = target_dir / onnx_filename(sha256, True, decay)
     log.info("quantising the ONNX model to int8: %s", int8)
     return quantize_onnx(fp32, int8)

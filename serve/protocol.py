@@ -55,6 +55,9 @@ class CurveBase(_Strict):
                                              description="max: accuracy; min: loss")
     bounds: tuple[Number | None, Number | None] | None = Field(
         default=None, description="[lo, hi] range of the metric; null sides are estimated")
+    lr_decay: bool = Field(default=False, description="the run's learning rate decays before "
+                           "the horizon (a schedule tied to the budget: cosine, linear, step); "
+                           "false: constant or unknown")
 
 
 class CurveIn(CurveBase):

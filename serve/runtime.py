@@ -1,7 +1,9 @@
 """Runtimes: what runs ``PFN.predict`` inside the server.
 
-A runtime is a callable ``(t_ctx, y_ctx, ctx_mask, t_qry) -> logits`` on CPU torch tensors (the
-``Predictor``'s ``runtime`` argument) that also describes itself for ``/v1/models``.
+A runtime is a callable ``(t_ctx, y_ctx, ctx_mask, t_qry[, decay]) -> logits`` on CPU torch
+tensors (the ``Predictor``'s ``runtime`` argument) that also describes itself for
+``/v1/models``; ``decay`` (B,), the curves' learning-rate-decay flags, reaches models with a
+decay input (None: all 0) and must be None for the others.
 
 * ``onnx`` — onnxruntime on the exported graph; CUDA execution provider when present, else CPU
   (the default on CPU machines).
@@ -24,7 +26,7 @@ from torch import Tensor
 
 from pfn.model import PFN
 from pfn.predictor import Predictor
-from serve.export import INPUT_NAMES, default_cache_dir, ensure_onnx
+from serve.export import DECAY_INPUT, INPUT_NAMES, default_cache_dir, ensure_onnx
 
 log = logging.getLogger("curvecast.serve")
 
@@ -34,7 +36,8 @@ PARITY_ATOL = 1e-3  # max |logit difference| of an fp32 runtime vs eager torch a
 class Runtime(Protocol):
     name: str
 
-    def __call__(self, t_ctx: Tensor, y_ctx: Tensor, ctx_mask: Tensor, t_qry: Tensor) -> Tensor:
+    def __call__(self, t_ctx: Tensor, y_ctx: Tensor, ctx_mask: Tensor, t_qry: Tensor,
+                 decay: Tensor | None = None) -> Tensor:
         ...
 
     def describe(self) -> dict[str, Any]:
@@ -42,10 +45,12 @@ class Runtime(Protocol):
 
 
 class OnnxRuntime:
-    """onnxruntime session on an exported graph."""
+    """onnxruntime session on an exported graph; for a model with a decay branch a second
+    session on its graph with the flags (``decay_path``), used for batches with a flag set."""
 
     def __init__(self, path: str | Path, threads: int = 1, spin: bool = False,
-                 providers: list[str] | None = None, quantized: bool = False) -> None:
+                 providers: list[str] | None = None, quantized: bool = False,
+                 decay_path: str | Path | None = None) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -61,19 +66,33 @@ class OnnxRuntime:
                          if p in avail]
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), so, providers=providers)
+        self.decay_path = None if decay_path is None else Path(decay_path)
+        self.decay_session = (None if decay_path is None
+                              else ort.InferenceSession(str(decay_path), so, providers=providers))
+        if self.decay_session is not None and DECAY_INPUT not in {
+                i.name for i in self.decay_session.get_inputs()}:
+            raise ValueError(f"decay_path: {decay_path} has no {DECAY_INPUT!r} input")
         self.providers = self.session.get_providers()
         self.threads = threads
         self.quantized = quantized
         self.name = "onnx-int8" if quantized else "onnx"
 
     def run_numpy(self, t_ctx: np.ndarray, y_ctx: np.ndarray, ctx_mask: np.ndarray,
-                  t_qry: np.ndarray) -> np.ndarray:
+                  t_qry: np.ndarray, decay: np.ndarray | None = None) -> np.ndarray:
         feeds = dict(zip(INPUT_NAMES, (t_ctx, y_ctx, ctx_mask, t_qry), strict=True))
-        out: np.ndarray = self.session.run(None, feeds)[0]
+        session = self.session
+        if decay is not None and bool(decay.any()):  # flags at 0 add nothing: the first graph
+            if self.decay_session is None:
+                raise ValueError(f"{self.path.name}: the model has no decay branch")
+            session = self.decay_session
+            feeds[DECAY_INPUT] = decay.astype(np.float32)
+        out: np.ndarray = session.run(None, feeds)[0]
         return out
 
-    def __call__(self, t_ctx: Tensor, y_ctx: Tensor, ctx_mask: Tensor, t_qry: Tensor) -> Tensor:
-        out = self.run_numpy(t_ctx.numpy(), y_ctx.numpy(), ctx_mask.numpy(), t_qry.numpy())
+    def __call__(self, t_ctx: Tensor, y_ctx: Tensor, ctx_mask: Tensor, t_qry: Tensor,
+                 decay: Tensor | None = None) -> Tensor:
+        out = self.run_numpy(t_ctx.numpy(), y_ctx.numpy(), ctx_mask.numpy(), t_qry.numpy(),
+                             None if decay is None else decay.numpy())
         return torch.from_numpy(out)
 
     def describe(self) -> dict[str, Any]:
@@ -81,7 +100,8 @@ class OnnxRuntime:
 
         return {"name": self.name, "engine": f"onnxruntime {ort.__version__}",
                 "providers": list(self.providers), "threads": self.threads,
-                "file": self.path.name}
+                "file": self.path.name,
+                **({"decay_file": self.decay_path.name} if self.decay_path else {})}
 
 
 class TorchRuntime:
@@ -97,10 +117,12 @@ class TorchRuntime:
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
 
-    def __call__(self, t_ctx: Tensor, y_ctx: Tensor, ctx_mask: Tensor, t_qry: Tensor) -> Tensor:
+    def __call__(self, t_ctx: Tensor, y_ctx: Tensor, ctx_mask: Tensor, t_qry: Tensor,
+                 decay: Tensor | None = None) -> Tensor:
         d = self.device
         with torch.inference_mode():
-            out = self.model.predict(t_ctx.to(d), y_ctx.to(d), ctx_mask.to(d), t_qry.to(d))
+            out = self.model.predict(t_ctx.to(d), y_ctx.to(d), ctx_mask.to(d), t_qry.to(d),
+                                     None if decay is None else decay.to(d))
         return out.float().cpu()
 
     def describe(self) -> dict[str, Any]:
@@ -124,18 +146,20 @@ class ChunkedRuntime:
         self.max_scores = max_scores
         self.max_queries = max_queries
 
-    def __call__(self, t_ctx: Tensor, y_ctx: Tensor, ctx_mask: Tensor, t_qry: Tensor) -> Tensor:
+    def __call__(self, t_ctx: Tensor, y_ctx: Tensor, ctx_mask: Tensor, t_qry: Tensor,
+                 decay: Tensor | None = None) -> Tensor:
         B, K = t_ctx.shape
         Q = t_qry.shape[1]
         qc = min(Q, self.max_queries)
         L = K + qc
         bc = max(1, min(B, self.max_tokens // L, self.max_scores // (L * L)))
         if bc >= B and qc >= Q:
-            return self.inner(t_ctx, y_ctx, ctx_mask, t_qry)
+            return self.inner(t_ctx, y_ctx, ctx_mask, t_qry, *(() if decay is None else (decay,)))
         rows = []
         for b in range(0, B, bc):
             sl = slice(b, b + bc)
-            parts = [self.inner(t_ctx[sl], y_ctx[sl], ctx_mask[sl], t_qry[sl, q : q + qc])
+            d = () if decay is None else (decay[sl],)
+            parts = [self.inner(t_ctx[sl], y_ctx[sl], ctx_mask[sl], t_qry[sl, q : q + qc], *d)
                      for q in range(0, Q, qc)]
             rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, 1))
         return torch.cat(rows, 0)  # (B, Q, n_buckets)
@@ -170,7 +194,10 @@ def make_runtime(kind: str, model: PFN, model_dir: Path, sha256: str, cache_dir:
         raise ValueError(f"quantize: only the onnx runtime supports int8, not {kind!r}")
     if kind == "onnx":
         path = ensure_onnx(model, model_dir, sha256, cache_dir, quantized=quantize)
-        return OnnxRuntime(path, threads=threads, spin=spin, quantized=quantize)
+        decay = (ensure_onnx(model, model_dir, sha256, cache_dir, quantized=quantize, decay=True)
+                 if model.cfg.decay_input else None)
+        return OnnxRuntime(path, threads=threads, spin=spin, quantized=quantize,
+                           decay_path=decay)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "torch":
         return TorchRuntime(model, device, threads)
@@ -214,16 +241,23 @@ def probe_inputs(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def check_parity(runtime: Runtime, model: PFN, atol: float = PARITY_ATOL) -> float:
-    """Max |logit difference| vs eager torch on the probe batch; raises above ``atol``."""
-    x = probe_inputs()
-    with torch.inference_mode():
-        ref = model.predict(*x).float()
-    out = runtime(*x).float()
-    if out.shape != ref.shape:
-        raise RuntimeError(f"runtime {runtime.name}: output shape {tuple(out.shape)}, "
-                           f"expected {tuple(ref.shape)}")
-    diff = float((out - ref).abs().max())
-    if not diff <= atol:
-        raise RuntimeError(f"runtime {runtime.name}: logits differ from eager torch by {diff:.3g}"
-                           f" (> {atol:g}); the cached export is stale or broken")
-    return diff
+    """Max |logit difference| vs eager torch on the probe batch (for a model with a decay
+    branch also with flags of both values, so a graph that drops them shows); raises above
+    ``atol``."""
+    probes: list[tuple[Tensor, ...]] = [probe_inputs()]
+    if model.cfg.decay_input:
+        probes.append((*probe_inputs(), torch.tensor([1.0, 0.0, 1.0])))
+    worst = 0.0
+    for x in probes:
+        with torch.inference_mode():
+            ref = model.predict(*x).float()
+        out = runtime(*x).float()
+        if out.shape != ref.shape:
+            raise RuntimeError(f"runtime {runtime.name}: output shape {tuple(out.shape)}, "
+                               f"expected {tuple(ref.shape)}")
+        diff = float((out - ref).abs().max())
+        if not diff <= atol:
+            raise RuntimeError(f"runtime {runtime.name}: logits differ from eager torch by "
+                               f"{diff:.3g} (> {atol:g}); the cached export is stale or broken")
+        worst = max(worst, diff)
+    return worst

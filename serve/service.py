@@ -68,6 +68,7 @@ def merge_prepared(ps: Sequence[Prepared]) -> Prepared:
         query_epochs=[e for p in ps for e in p.query_epochs],
         scale=torch.cat([p.scale for p in ps]),
         offset=torch.cat([p.offset for p in ps]),
+        decay=torch.cat([p.decay for p in ps]),
     )
 
 
@@ -223,7 +224,7 @@ class ModelService:
         """One forward pass and one vectorised summary for all jobs; results split per job."""
         assert self.predictor is not None
         p = merge_prepared([j.prepared for j in jobs])
-        logits = self.predictor.runtime(p.t_ctx, p.y_ctx, p.ctx_mask, p.t_qry)
+        logits = self.predictor.run(p)
         post, starts = posterior_from_logits(self.predictor, p, logits)
         summaries = summarize_posterior(post, starts, [s for j in jobs for s in j.specs])
         out, a = [], 0

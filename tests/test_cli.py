@@ -72,6 +72,22 @@ def test_eval_prior_and_file_json(tmp_path, real_curves_path):
     assert md.startswith("| source | cutoff | method |")
 
 
+def test_eval_decay_sources_send_the_flag_for_those_sources_only(real_curves_path):
+    """--decay-sources marks one source's curves lr_decay=true: its pfn rows change (the
+    default's decay branch), the other sources' rows and the baselines do not; a source the
+    file lacks is refused by name."""
+    args = ["eval", "--prior-curves", "0", "--curves", real_curves_path, "--max-curves", "80",
+            "--json"]
+    plain = json.loads(cc(*args).stdout)["rows"]
+    told = json.loads(cc(*args, "--decay-sources", "opda").stdout)["rows"]
+    key = lambda r: (r["source"], r["cutoff"], r["method"])  # noqa: E731
+    before = {key(r): r["log_likelihood"] for r in plain}
+    changed = {k for r in told if abs(r["log_likelihood"] - before[k := key(r)]) > 1e-9}
+    assert changed and all(k[0] == "opda" and k[2] == "pfn" for k in changed)
+    r = cc(*args, "--decay-sources", "opda,nope", check=False)
+    assert r.returncode == 2 and "--decay-sources" in r.stderr and "nope" in r.stderr
+
+
 def test_plot_writes_png(tmp_path):
     out = tmp_path / "fan.png"
     cc("plot", str(EXAMPLE), "--out", str(out))

@@ -46,7 +46,9 @@ def test_curve_json_accepts_client_and_pfn_curves_and_dicts():
                  "bounds": [0.0, None]}
     b = curve_json(LocalCurve(np.array([1, 2]), np.array([0.1, 0.2]), horizon=5,
                               direction="min", query_epochs=[5]))
-    assert b["direction"] == "min" and b["query_epochs"] == [5.0]
+    assert b["direction"] == "min" and b["query_epochs"] == [5.0] and "lr_decay" not in b
+    assert curve_json(Curve([1], [0.1], horizon=5, lr_decay=True))["lr_decay"] is True
+    assert curve_json(LocalCurve([1], [0.1], horizon=5, lr_decay=True))["lr_decay"] is True
     assert curve_json({"epochs": np.array([1]), "values": [1], "horizon": 3,
                        "meta": {}}) == {"epochs": [1.0], "values": [1.0], "horizon": 3}
 

@@ -127,6 +127,55 @@ def test_input_encoders_start_silent_and_then_matter(flag, enc):
     assert not torch.allclose(grown.predict(t, y, m, q), plain.predict(t, y, m, q), atol=1e-4)
 
 
+def _decay_model(emb_std: float) -> PFN:
+    torch.manual_seed(2)
+    cfg = PFNConfig(n_layers=1, d_model=16, n_heads=2, d_ff=32, n_buckets=20, encoder_hidden=8,
+                    decay_input=True)
+    model = PFN(cfg, torch.linspace(0, 1, 21)).eval()
+    if emb_std:
+        assert model.decay_emb is not None and model.decay_adapters is not None
+        torch.nn.init.normal_(model.decay_emb, std=emb_std)
+        for a in model.decay_adapters:
+            torch.nn.init.normal_(a[-1].weight, std=emb_std)
+    return model
+
+
+def test_decay_input_starts_silent_then_separates_the_flags():
+    """The decay branch starts silent (a warm-started model answers as its source, for either
+    flag); once trained, flag 1 changes the answer, flag 0 is the same as no flag and as the
+    body without the branch (same weights), and each curve of a batch gets its own flag."""
+    t, y, m = _ctx(8)
+    t, y, m = t.expand(2, -1), y.expand(2, -1), m.expand(2, -1)
+    q = torch.tensor([[1.0], [1.0]])
+    silent = _decay_model(0.0)
+    assert torch.equal(silent.predict(t, y, m, q, torch.tensor([0.0, 1.0])),
+                       silent.predict(t, y, m, q))
+    model = _decay_model(0.05)
+    body = PFN(PFNConfig(**{**model.cfg.to_dict(), "decay_input": False}), model.bar.borders)
+    missing, _ = body.eval().load_state_dict(model.state_dict(), strict=False)
+    assert not missing
+    assert torch.equal(model.predict(t, y, m, q, torch.zeros(2)), body.predict(t, y, m, q))
+    out = model.predict(t, y, m, q, torch.tensor([0.0, 1.0]))
+    assert torch.allclose(out[0], model.predict(t[:1], y[:1], m[:1], q[:1])[0], atol=1e-6)
+    assert not torch.allclose(out[0], out[1], atol=1e-3)
+    one = model.predict(t[:1], y[:1], m[:1], q[:1], torch.ones(1))[0]
+    assert torch.allclose(out[1], one, atol=1e-6)
+
+
+def test_lr_decay_reaches_the_model_or_is_refused(predictor):
+    """Curve.lr_decay: a model with a decay input answers differently with it; one without
+    refuses it with a CurveError naming the field, rather than silently ignoring it."""
+    c = dict(epochs=[1, 2, 3, 4], values=[0.2, 0.35, 0.42, 0.47], horizon=20, bounds=(0, 1))
+    pred = Predictor(_decay_model(0.05))
+    a, b = pred.predict([Curve(**c), Curve(**c, lr_decay=True)])
+    assert abs(float(a.mean[0]) - float(b.mean[0])) > 1e-4
+    assert np.allclose(a.mean, pred.predict([Curve(**c)])[0].mean, atol=1e-6)
+    with pytest.raises(CurveError, match=r"curves\[1\]\.lr_decay.*no decay input"):
+        predictor.predict([Curve(**c), Curve(**c, lr_decay=True)])
+    with pytest.raises(CurveError, match="lr_decay"):
+        pred.predict([Curve(**c, lr_decay="yes")])  # type: ignore[arg-type]
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="divisible"):
         PFNConfig(d_model=30, n_heads=4)

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from pfn.io import WEIGHTS_DIR, load_model
+from pfn.model import PFN, PFNConfig
 from pfn.predictor import Curve, Predictor
 from pfn.summary import summarize
 from serve import export
@@ -95,6 +96,57 @@ def test_onnx_matches_eager_with_step_and_anchor_inputs(tiny_model, tmp_path):
         with torch.inference_mode():
             ref = tiny_model.predict(*x)
         assert float((runtime(*x) - ref).abs().max()) <= ATOL, (B, K, Q)
+
+
+class _DroppingFlags:
+    """A broken runtime that ignores the decay flags."""
+
+    name = "dropping"
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __call__(self, t_ctx, y_ctx, ctx_mask, t_qry, decay=None):
+        return self.inner(t_ctx, y_ctx, ctx_mask, t_qry)
+
+
+def test_decay_branch_exports_as_a_second_graph_and_chunks_exactly(tmp_path):
+    """A model with a decay branch exports two graphs: without it (batches with no flag set,
+    as fast as the model without the branch) and with a fifth input, ``decay`` (B,); the
+    runtime answers as eager for either flag at several shapes, a runtime that dropped the
+    flags fails the parity check (it probes both values), the body graph alone refuses a flag,
+    and chunking slices the flags with the curves."""
+    torch.manual_seed(4)
+    cfg = PFNConfig(n_layers=2, d_model=32, n_heads=4, d_ff=64, n_buckets=50, encoder_hidden=16,
+                    step_inputs=True, anchor_inputs=True, decay_input=True)
+    model = PFN(cfg, torch.linspace(-0.2, 1.2, 51)).eval()
+    assert model.decay_emb is not None and model.decay_adapters is not None
+    torch.nn.init.normal_(model.decay_emb, std=0.02)
+    for a in model.decay_adapters:
+        torch.nn.init.normal_(a[-1].weight, std=0.02)
+    for enc in (model.step_enc, model.anchor_enc):
+        assert enc is not None
+        torch.nn.init.normal_(enc[-1].weight, std=0.1)
+    runtime = OnnxRuntime(export.export_onnx(model, tmp_path / "body.onnx"), threads=1,
+                          decay_path=export.export_onnx(model, tmp_path / "decay.onnx", True))
+    assert check_parity(runtime, model) <= ATOL
+    no_branch = OnnxRuntime(tmp_path / "body.onnx", threads=1)  # refuses a flag, not ignores it
+    with pytest.raises(ValueError, match="no decay branch"):
+        no_branch(*_inputs(2, 3, 1, seed=0), torch.ones(2))
+    with pytest.raises(RuntimeError, match="differ from eager"):  # flags dropped: caught
+        check_parity(_DroppingFlags(runtime), model)
+    for B, K, Q in [(1, 1, 1), (3, 17, 5), (6, 31, 63)]:
+        x = _inputs(B, K, Q, seed=5 * B + K)
+        flags = (torch.arange(B) % 2).float()
+        with torch.inference_mode():
+            ref = model.predict(*x, flags)
+            ref0 = model.predict(*x)
+        assert float((runtime(*x, flags) - ref).abs().max()) <= ATOL, (B, K, Q)
+        assert float((runtime(*x) - ref0).abs().max()) <= ATOL, (B, K, Q)
+    x = _inputs(5, 13, 23, seed=3)
+    flags = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0])
+    small = ChunkedRuntime(TorchRuntime(model), max_tokens=64, max_scores=4096, max_queries=7)
+    assert float((small(*x, flags) - TorchRuntime(model)(*x, flags)).abs().max()) <= 1e-4
 
 
 def test_exported_file_is_readable_by_other_users(onnx_path):
@@ -206,7 +258,7 @@ def test_read_only_model_dir_falls_back_to_user_cache(tmp_path, default_model, m
     monkeypatch.setattr(export, "_writable", lambda d: Path(d) != model_dir)
     written = []
 
-    def fake_export(m, path):
+    def fake_export(m, path, decay=False):
         written.append(Path(path))
         Path(path).write_bytes(b"x")
         return Path(path)

@@ -229,6 +229,22 @@ def test_anneal_adds_a_late_gain_to_prior_curves(m, seed):
     assert bool((gain[:, -1] <= 0.5 * rise + 1e-6).all())
 
 
+def test_annealed_flags_mark_the_curves_drawn_under_decay():
+    """CurveBatch.annealed (the input of a model with a decay input) marks exactly the curves
+    the anneal branch drew: only they may differ from the paper's curve of the same seed, and
+    their share is anneal_prob; without the option every flag is False."""
+    g = lambda: torch.Generator().manual_seed(11)  # noqa: E731
+    plain = CurvePrior().sample(3000, g())
+    assert plain.annealed is not None and not bool(plain.annealed.any())
+    b = CurvePrior(anneal_prob=0.5).sample(3000, g())
+    assert b.annealed is not None and b.annealed.dtype == torch.bool
+    moved = (b.f - plain.f).abs().amax(1) > 1e-7
+    assert not bool((moved & ~b.annealed).any())
+    assert float(moved[b.annealed].float().mean()) > 0.9  # a drawn curve with no rise stays
+    assert 0.47 < float(b.annealed.float().mean()) < 0.53
+    assert bool(CurvePrior(anneal_prob=1.0).sample(50, g()).annealed.all())  # type: ignore[union-attr]
+
+
 def test_anneal_share_size_and_registry():
     p = get_prior("lcpfn-anneal0.2")
     assert p.anneal_prob == 0.2 and p.name == "lcpfn-anneal0.2"

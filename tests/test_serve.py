@@ -77,6 +77,7 @@ def test_predict_matches_in_process_summary(http, local):
          "density_at": [0.55]},
         {"epochs": [1, 2, 3], "values": [2.0, 1.4, None], "horizon": 20, "direction": "min",
          "quantiles": [0.1, 0.9]},
+        {**CURVE, "query_epochs": [10, 50], "bounds": [0, 1], "lr_decay": True},
     ], "quantiles": [0.05, 0.5, 0.95]}
     r = http.post("/v1/predict", json=req)
     assert r.status_code == 200, r.text
@@ -85,7 +86,9 @@ def test_predict_matches_in_process_summary(http, local):
     assert body["model"]["runtime"] == "onnx"
     assert body["model"]["sha256"] == local.sha256
     got = body["predictions"]
-    assert [sorted(p["quantiles"]) for p in got] == [["0.05", "0.5", "0.95"], ["0.1", "0.9"]]
+    assert [sorted(p["quantiles"]) for p in got] == [["0.05", "0.5", "0.95"], ["0.1", "0.9"],
+                                                     ["0.05", "0.5", "0.95"]]
+    assert got[2]["mean"][1] > got[0]["mean"][1] + 1e-3  # the decay flag reached the model
     assert list(got[0]["prob_greater"]) == ["0.6"] and list(got[0]["cdf"]) == ["0.55"]
     for g, w in zip(got, want, strict=True):
         assert g["query_epochs"] == w["query_epochs"]
@@ -145,6 +148,8 @@ MALFORMED = [
     ("bad quantile", {"curves": [CURVE], "quantiles": [0.5, 1.5]}, 422, "quantiles[1]"),
     ("reversed bounds", {"curves": [{**CURVE, "bounds": [1, 0]}]}, 422, "curves[0].bounds"),
     ("no curves", {"curves": []}, 422, "curves"),
+    ("lr_decay not a boolean", {"curves": [{**CURVE, "lr_decay": "often"}]}, 422,
+     "curves[0].lr_decay"),
     ("not json", b"{curves:", 422, "JSON"),
     ("huge batch", {"curves": [CURVE] * 501}, 422, "limit of 500"),
     ("million points", {"curves": [{"epochs": list(range(1, 10**6 + 1)),
@@ -430,6 +435,9 @@ def test_early_stop_matches_in_process_decisions(http, local):
     assert bad.status_code == 422 and "min_gain_per_epoch" in bad.json()["error"]["message"]
     bad = http.post("/v1/early-stop", json={**req, "rule": {"min_delta": -1}})
     assert bad.status_code == 422 and "min_delta" in bad.text
+    told = {**req, "curves": [{**req["curves"][0], "lr_decay": True}], "incumbents": [0.9]}
+    bad = http.post("/v1/early-stop", json=told)  # stage4 has no decay input: said, not ignored
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "curves[0].lr_decay"
 
 
 # --- property-based fuzzing against the server's own OpenAPI spec ------------------------------

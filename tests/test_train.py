@@ -164,6 +164,38 @@ def test_warm_start_grows_depth_with_identity_blocks(tmp_path):
     assert tr.model.blocks[2].ff2.weight.abs().sum() > 0  # the new block learned
 
 
+def test_decay_input_is_trained_on_the_priors_flags(tmp_path):
+    """A model given a decay input, warm-started from one without, answers as its source at
+    the start and learns the decay vector from the prior's anneal flags, which reach the model
+    through training_batch and every query micro-batch."""
+    from prior import get_prior
+    from train.loop import query_microbatches, training_batch
+
+    src_dir = tmp_path / "src"
+    cfg = apply_overrides(TrainConfig(), {**TINY, "n_curves": 32, "out_dir": str(src_dir)})
+    Trainer(cfg).run(progress=False)
+    prior = get_prior("lcpfn-anneal0.5")
+    g = torch.Generator().manual_seed(2)
+    t, y, is_ctx, decay = training_batch(prior, 64, g, 1)
+    want = prior.sample(64, torch.Generator().manual_seed(2)).annealed
+    assert want is not None and torch.equal(decay, want.float()) and 0 < float(decay.sum()) < 64
+    mbs = query_microbatches(t, y, is_ctx, 4, 3, g, decay=decay)
+    assert sorted(float(f) for mb in mbs for f in mb.decay) == sorted(decay.tolist())
+    warm = apply_overrides(cfg, {"init_from": str(src_dir), "model.decay_input": True,
+                                 "prior": "lcpfn-anneal0.5", "out_dir": str(tmp_path / "w"),
+                                 "trainable": "decay_emb,decay_adapters"})
+    tr = Trainer(warm)
+    assert tr.model.decay_emb is not None and not bool(tr.model.decay_emb.any())
+    body = {n: p.detach().clone() for n, p in tr.model.named_parameters()
+            if not n.startswith("decay")}
+    tr.run(progress=False)
+    assert float(tr.model.decay_emb.detach().abs().sum()) > 0  # learned from the flags
+    assert tr.model.decay_adapters is not None
+    assert float(tr.model.decay_adapters[0][-1].weight.detach().abs().sum()) > 0
+    now = dict(tr.model.named_parameters())
+    assert all(torch.equal(now[n], p) for n, p in body.items())  # the body stayed frozen
+
+
 def test_eval_prior_sets_the_held_out_curves(tmp_path):
     """Training on slow starts, evaluating on the paper's prior: the held-out curves come from
     eval_prior (same seed), not from the training prior."""
@@ -244,7 +276,7 @@ def _tiny_model_and_batch(n: int = 12):
     cfg = PFNConfig(n_layers=1, d_model=16, n_heads=2, d_ff=32, n_buckets=20, encoder_hidden=8)
     torch.manual_seed(0)
     model = PFN(cfg, borders_from_samples(prior.sample(200, g).y.flatten(), 20)).train()
-    return model, training_batch(prior, n, g, 1), g
+    return model, training_batch(prior, n, g, 1)[:3], g
 
 
 def test_training_batch_log_share_shortens_the_contexts():
@@ -256,7 +288,8 @@ def test_training_batch_log_share_shortens_the_contexts():
     prior = get_prior("lcpfn")
     n_ctx = {}
     for share in (0.0, 1.0):
-        _, _, is_ctx = training_batch(prior, 2000, torch.Generator().manual_seed(5), 1, share)
+        _, _, is_ctx, _ = training_batch(prior, 2000, torch.Generator().manual_seed(5), 1,
+                                         share)
         k = is_ctx.sum(1)
         assert torch.equal(is_ctx, torch.arange(100)[None, :] < k[:, None])  # prefixes
         n_ctx[share] = float((k == 1).double().mean())

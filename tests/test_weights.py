@@ -92,25 +92,41 @@ def test_default_has_four_blocks_and_trained_step_inputs_and_stage4_has_neither(
     """The default model is grow4 (steps4's lineage grown to four blocks: step inputs whose
     encoder was trained, its output layer starting at zero, so all-zero weights would mean an
     untrained copy; the loss weighted per curve) with a Gaussian head trained on grow4's
-    frozen body: every other tensor equals grow4's (runs/grow4/model) exactly. Stage 4, the
-    model for decisions, has three blocks and no step inputs."""
+    frozen body, and since the twentieth session a decay branch trained on that frozen model:
+    every other tensor equals grow4's (runs/grow4/model) exactly. Stage 4, the model for
+    decisions, has three blocks and no step inputs."""
     cfg = pred.model.cfg
     assert cfg.step_inputs and cfg.n_layers == 4 and pred.model.step_enc is not None
     assert float(pred.model.step_enc[-1].weight.detach().abs().max()) > 0  # trained
     assert not stage4.model.cfg.step_inputs and stage4.model.cfg.n_layers == 3
     assert cfg.gauss_head and pred.model.gauss is not None
     assert float(pred.model.gauss[-1].weight.detach().abs().max()) > 0  # trained
+    assert cfg.decay_input and pred.model.decay_adapters is not None
+    assert all(float(a[-1].weight.detach().abs().max()) > 0 for a in pred.model.decay_adapters)
     grow4 = Predictor.load(Path(__file__).parents[1] / "runs" / "grow4" / "model")
     assert grow4.sha256.startswith("9dbd00b18481")
     mine = pred.model.state_dict()
     body = grow4.model.state_dict()
-    assert set(mine) - set(body) == {n for n in mine if n.startswith("gauss.")}
+    assert set(mine) - set(body) == {n for n in mine if n.startswith(("gauss.", "decay_"))}
     assert all(torch.equal(mine[n], t) for n, t in body.items())
     train = pred.config["meta"]["train_config"]
-    assert train["trainable"] == "gauss" and train["init_from"] == "runs/grow4/model"
+    assert train["trainable"] == "decay_emb,decay_adapters" and train["prior"] == "lcpfn-anneal1"
+    assert pred.config["meta"]["decay_prior"] == "lcpfn-anneal1"
     g4 = grow4.config["meta"]["train_config"]
     assert g4["cutoff_log_share"] == 0.25 and g4["per_curve_loss"] is True
     assert g4["init_from"] == "runs/percurve3/model" and g4["seed"] == 4
+
+
+def test_the_default_answers_with_the_decay_flag_only_when_told(pred: Predictor) -> None:
+    """Curve.lr_decay: at False the default answers as its body (the branch is gated off, so
+    the paper protocol's figures stand); told that the learning rate decays, it expects the
+    late gains of the decay prior: a higher final median and more room above."""
+    t = np.arange(1, 11, dtype=float)
+    base = dict(epochs=t.tolist(), values=(0.3 + 0.3 * (1 - np.exp(-t / 5))).tolist(),
+                horizon=100, query_epochs=[100], bounds=(0, 1))
+    flat, decay = pred.predict([Curve(**base), Curve(**base, lr_decay=True)])  # type: ignore[arg-type]
+    assert float(decay.median[0]) > float(flat.median[0]) + 0.01
+    assert float(decay.quantile(0.95)[0]) > float(flat.quantile(0.95)[0])
 
 
 @pytest.mark.parametrize("name", ["default", "stage4"])

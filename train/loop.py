@@ -156,22 +156,27 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 def training_batch(
     prior: CurvePrior, n: int, g: torch.Generator, min_cutoff: int, log_share: float = 0.0
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(t, y, is_ctx), each (n, m): progress, noisy values, context mask from per-curve cutoffs."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(t, y, is_ctx), each (n, m): progress, noisy values, context mask from per-curve
+    cutoffs; and decay (n,) float, 1 for the curves the prior drew under learning-rate decay
+    (the input of a model with ``decay_input``; all 0 without ``anneal_prob``)."""
     m = prior.n_epochs
-    y = prior.sample(n, g).y
+    batch = prior.sample(n, g)
+    y = batch.y
+    decay = (batch.annealed if batch.annealed is not None
+             else torch.zeros(n, dtype=torch.bool)).float()
     cut = sample_cutoffs(n, m, g, low=min_cutoff, log_share=log_share)
     t = (torch.arange(1, m + 1, dtype=torch.float32) / m).expand(n, m)
     is_ctx = torch.arange(m)[None, :] < cut[:, None]  # (n, m)
-    return t, y, is_ctx
+    return t, y, is_ctx, decay
 
 
 def loss_fn(model: PFN, fwd: Any, t: Tensor, y: Tensor, is_ctx: Tensor, amp: Any,
-            per_curve: bool = False) -> Tensor:
+            per_curve: bool = False, decay: Tensor | None = None) -> Tensor:
     """Mean negative log-density over all query tokens of the batch, or with ``per_curve`` the
     mean over curves of each curve's mean over its queries (the paper protocol's weighting)."""
     with amp:
-        logits = fwd(t, y, is_ctx, ~is_ctx)  # (N_query, n_buckets)
+        logits = fwd(t, y, is_ctx, ~is_ctx, decay)  # (N_query, n_buckets)
     nll = -model.bar.log_density(logits.float(), y[~is_ctx])  # (N_query,) row-major
     if not per_curve:
         return nll.mean()
@@ -184,21 +189,23 @@ def loss_fn(model: PFN, fwd: Any, t: Tensor, y: Tensor, is_ctx: Tensor, amp: Any
 class MicroBatch:
     """Curves with subsampled queries, padded to the longest row: tokens (b, L); ``select``
     marks the kept queries (not the context, not the padding), ``weight`` (N_select,) their
-    loss weights."""
+    loss weights, ``decay`` (b,) the curves' decay flags."""
 
     t: Tensor
     y: Tensor
     is_ctx: Tensor
     select: Tensor
     weight: Tensor
+    decay: Tensor
 
     def to(self, device: torch.device) -> MicroBatch:
         return MicroBatch(self.t.to(device), self.y.to(device), self.is_ctx.to(device),
-                          self.select.to(device), self.weight.to(device))
+                          self.select.to(device), self.weight.to(device), self.decay.to(device))
 
 
 def query_microbatches(t: Tensor, y: Tensor, is_ctx: Tensor, max_queries: int, groups: int,
-                       g: torch.Generator, per_curve: bool = False) -> list[MicroBatch]:
+                       g: torch.Generator, per_curve: bool = False,
+                       decay: Tensor | None = None) -> list[MicroBatch]:
     """Each curve of (t, y, is_ctx) (n, m) keeps its context and min(max_queries, its query
     count) of its queries, uniformly without replacement, each weighted by (query count) /
     (kept); the curves, sorted by kept length, are split into ``groups`` micro-batches. The
@@ -207,6 +214,7 @@ def query_microbatches(t: Tensor, y: Tensor, is_ctx: Tensor, max_queries: int, g
     per kept query: the same sum then estimates (all queries) x the mean over curves of each
     curve's mean loss, so ``subsampled_loss`` estimates ``loss_fn(per_curve=True)``."""
     n, m = t.shape
+    decay = torch.zeros(n) if decay is None else decay
     n_ctx = is_ctx.sum(1)  # (n,)
     n_qry = m - n_ctx
     key = torch.rand(n, m, generator=g).masked_fill(is_ctx, -1.0)
@@ -224,7 +232,7 @@ def query_microbatches(t: Tensor, y: Tensor, is_ctx: Tensor, max_queries: int, g
         ctx = pos < n_ctx[idx, None]  # (b, L)
         sel = (pos < length[idx, None]) & ~ctx
         out.append(MicroBatch(torch.gather(t[idx], 1, o), torch.gather(y[idx], 1, o), ctx, sel,
-                              w_curve[idx, None].expand(-1, L)[sel]))
+                              w_curve[idx, None].expand(-1, L)[sel], decay[idx]))
     return out
 
 
@@ -232,7 +240,7 @@ def subsampled_loss(model: PFN, fwd: Any, mb: MicroBatch, amp: Any, total: float
     """The micro-batch's weighted negative log-density sum over ``total`` (the query count
     of the whole batch): these summed over a step's micro-batches estimate ``loss_fn``."""
     with amp:
-        logits = fwd(mb.t, mb.y, mb.is_ctx, mb.select)  # (N_select, n_buckets)
+        logits = fwd(mb.t, mb.y, mb.is_ctx, mb.select, mb.decay)  # (N_select, n_buckets)
     nll = -model.bar.log_density(logits.float(), mb.y[mb.select])
     return (nll * mb.weight).sum() / total
 
@@ -277,6 +285,7 @@ class Trainer:
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.fwd: Any = torch.compile(self.ddp, dynamic=True) if cfg.compile else self.ddp
         self.amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+        self.eval_decay: Tensor | None = None  # the held-out curves' decay flags
         self.eval_set = self._eval_set()
         # EMA of the parameters (what gets exported when ema_decay > 0)
         self.ema: dict[str, Tensor] = {}
@@ -308,7 +317,10 @@ class Trainer:
         # the same held-out curves
         g = torch.Generator().manual_seed(10_000)
         prior = get_prior(self.cfg.eval_prior) if self.cfg.eval_prior else self.prior
-        return prior.sample(self.cfg.eval_curves, g).y
+        batch = prior.sample(self.cfg.eval_curves, g)
+        if self.cfg.model.decay_input and batch.annealed is not None:
+            self.eval_decay = batch.annealed.float()
+        return batch.y
 
     # -- checkpoints -------------------------------------------------------------------------
     @property
@@ -364,15 +376,16 @@ class Trainer:
         lr = lr_at(cfg, self.step)
         for grp in self.opt.param_groups:
             grp["lr"] = lr
-        t, y, is_ctx = training_batch(self.prior, self.local_batch, self.gen, cfg.min_cutoff,
-                                       cfg.cutoff_log_share)
+        t, y, is_ctx, decay = training_batch(self.prior, self.local_batch, self.gen,
+                                              cfg.min_cutoff, cfg.cutoff_log_share)
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         if cfg.max_queries:
-            loss, tokens = self.subsampled_backward(t, y, is_ctx)
+            loss, tokens = self.subsampled_backward(t, y, is_ctx, decay)
         else:
             t, y, is_ctx = t.to(self.device), y.to(self.device), is_ctx.to(self.device)
-            loss = loss_fn(self.model, self.fwd, t, y, is_ctx, self.amp, cfg.per_curve_loss)
+            loss = loss_fn(self.model, self.fwd, t, y, is_ctx, self.amp, cfg.per_curve_loss,
+                           decay.to(self.device))
             loss.backward()
             tokens = float(t.numel())
         gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -381,13 +394,14 @@ class Trainer:
         self.ema_update()
         return {"loss": loss.item(), "lr": lr, "grad_norm": float(gn), "tokens": tokens}
 
-    def subsampled_backward(self, t: Tensor, y: Tensor, is_ctx: Tensor) -> tuple[Tensor, float]:
+    def subsampled_backward(self, t: Tensor, y: Tensor, is_ctx: Tensor,
+                            decay: Tensor | None = None) -> tuple[Tensor, float]:
         """Backward through the step's micro-batches (``max_queries``; gradients summed; DDP
         syncs on the last one only); returns the estimated loss and the tokens processed.
         The batch (t, y, is_ctx) is on the CPU, where the generator draws the queries."""
         mbs = [mb.to(self.device) for mb in query_microbatches(
             t, y, is_ctx, self.cfg.max_queries, self.cfg.query_groups, self.gen,
-            self.cfg.per_curve_loss)]
+            self.cfg.per_curve_loss, decay)]
         total = float((~is_ctx).sum())
         loss = torch.zeros(())
         for i, mb in enumerate(mbs):
@@ -404,7 +418,8 @@ class Trainer:
         out = {}
         with self.amp:
             for c in EVAL_CUTOFFS:
-                ll = prior_log_likelihood(model, self.eval_set.to(self.device), c)
+                decay = None if self.eval_decay is None else self.eval_decay.to(self.device)
+                ll = prior_log_likelihood(model, self.eval_set.to(self.device), c, decay=decay)
                 out[f"val_ll_{c}"] = float(ll.mean())
         return out
 
