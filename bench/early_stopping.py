@@ -70,7 +70,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,7 @@ class Task:
     horizon: np.ndarray  # (n,) planned final x of every trial
     direction: str  # "max" or "min": of model_values
     bounds: tuple[float | None, float | None]  # for the model
+    lr_decay: bool = False  # its runs' learning rate decays before the horizon (Curve.lr_decay)
 
     @property
     def n(self) -> int:
@@ -373,7 +374,7 @@ class ThresholdCache:
                      query_epochs=checked_epochs(float(xs[-1]), float(t.horizon[i]),
                                                  max_points=self.max_checked),
                      direction=t.direction,  # type: ignore[arg-type]
-                     bounds=t.bounds)
+                     bounds=t.bounds, lr_decay=t.lr_decay)
 
     def compute(self, pairs: Sequence[tuple[int, int]]) -> None:
         todo = sorted({p for p in pairs if p not in self.cache}, key=lambda p: p[1])
@@ -1079,6 +1080,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help=f"model name or directory (default: {DECISION_MODEL}, the embedded "
                     "model for decisions)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--decay-tasks", default="",
+                    help="comma-separated substrings of task names whose runs decay their "
+                    "learning rate before the horizon: the model sees them with lr_decay=True "
+                    "(needs a model with a decay branch, e.g. --model default)")
     a = ap.parse_args(argv)
     if a.render:
         return render(a.render)
@@ -1094,6 +1099,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        a.min_trials, a.filter_flat)
     if a.max_tasks:
         tasks = tasks[: a.max_tasks]
+    marks = [m for m in a.decay_tasks.split(",") if m]
+    tasks = [replace(t, lr_decay=any(m in t.name for m in marks)) for t in tasks]
     predictor = Predictor.load(a.model) if MODEL_FAMILIES & set(policies) else None
     rows: list[dict[str, Any]] = []
     total = InferenceStats()
