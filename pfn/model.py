@@ -70,11 +70,11 @@ STEP_GAIN = 4.0
 # normal), the floor of that sd (a sixtieth of the narrowest inner bucket of the shipped
 # borders, 6.1e-4: a Gaussian that narrow sits in one bucket anyway) and its MLP's hidden width
 GAUSS_LOGIT0 = -3.0
-# hidden width of the decay adapters (PFNConfig.decay_input), one per block
-DECAY_HIDDEN = 64
 GAUSS_QUANTILES = (0.15865525393145707, 0.5, 0.8413447460685429)
 GAUSS_SD_MIN = 1e-5
 GAUSS_HIDDEN = 64
+# hidden width of the decay adapters (PFNConfig.decay_input), one per block
+DECAY_HIDDEN = 64
 _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
@@ -314,7 +314,7 @@ class PFN(nn.Module):
         must come from the caller. It adds decay times a vector to every token and, after every
         block, decay times an adapter of the block's output (pre-LN MLP, residual). At decay =
         0 (or None) both vanish: the model is exactly its body, which can be kept frozen while
-        the branch trains (``TrainConfig.trainable = "decay"``)."""
+        the branch trains (``TrainConfig.trainable = "decay_emb,decay_adapters"``)."""
         attn = None if self.training else self.attention_fn
         mask = pfn_attention_mask(is_ctx) if attn is None else is_ctx  # what attention takes
         h = self.embed(t, y, is_ctx, decay)
