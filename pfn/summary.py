@@ -132,12 +132,6 @@ def curves_from_json(obj: Any) -> list[Curve]:
     return request_from_json(obj)[0]
 
 
-def _flag(v: Any, i: int, name: str) -> bool:
-    if not isinstance(v, bool):
-        raise CurveError(i, name, f"must be true or false, got {v!r}", "send a JSON boolean")
-    return v
-
-
 def request_from_json(obj: Any) -> tuple[list[Curve], list[SummarySpec]]:
     """Parse a request dict (see the module docstring) into curves and per-curve specs.
 
@@ -183,7 +177,7 @@ def request_from_json(obj: Any) -> tuple[list[Curve], list[SummarySpec]]:
             query_epochs=None if qe is None else _numbers(qe, i, "query_epochs"),
             direction=direction,
             bounds=check_bounds(c.get("bounds"), i),
-            lr_decay=_flag(c.get("lr_decay", False), i, "lr_decay"),
+            lr_decay=c.get("lr_decay", False),  # checked by Predictor.prepare
         ))
         specs.append(SummarySpec(
             quantiles=default_q if c.get("quantiles") is None

@@ -35,7 +35,7 @@ class CurveBatch:
     y: Tensor  # (n, m) float32 noisy observations (the training targets)
     f: Tensor  # (n, m) float32 noise-free curves
     sigma: Tensor  # (n,) float32 noise standard deviation of each curve
-    annealed: Tensor | None = None  # (n,) bool: drawn into the learning-rate-decay branch
+    annealed: Tensor  # (n,) bool: drawn into the learning-rate-decay branch
     # (CurvePrior.anneal_prob; all False without it): a model with decay inputs sees it
 
     def __len__(self) -> int:

@@ -162,9 +162,7 @@ def training_batch(
     (the input of a model with ``decay_input``; all 0 without ``anneal_prob``)."""
     m = prior.n_epochs
     batch = prior.sample(n, g)
-    y = batch.y
-    decay = (batch.annealed if batch.annealed is not None
-             else torch.zeros(n, dtype=torch.bool)).float()
+    y, decay = batch.y, batch.annealed.float()
     cut = sample_cutoffs(n, m, g, low=min_cutoff, log_share=log_share)
     t = (torch.arange(1, m + 1, dtype=torch.float32) / m).expand(n, m)
     is_ctx = torch.arange(m)[None, :] < cut[:, None]  # (n, m)
@@ -318,7 +316,7 @@ class Trainer:
         g = torch.Generator().manual_seed(10_000)
         prior = get_prior(self.cfg.eval_prior) if self.cfg.eval_prior else self.prior
         batch = prior.sample(self.cfg.eval_curves, g)
-        if self.cfg.model.decay_input and batch.annealed is not None:
+        if self.cfg.model.decay_input:
             self.eval_decay = batch.annealed.float()
         return batch.y
 
