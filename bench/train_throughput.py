@@ -34,7 +34,7 @@ def run(cfg: TrainConfig, steps: int, query_head: bool) -> tuple[float, float]:
     times, tokens = [], 0
     for i in range(steps + 2):  # 2 warm-up steps (compilation)
         t0 = time.perf_counter()
-        t, y, is_ctx, _ = training_batch(prior, cfg.batch_size, g, 1)
+        t, y, is_ctx = training_batch(prior, cfg.batch_size, g, 1)[:3]
         opt.zero_grad()
         n_tok = t.numel()
         if cfg.max_queries:

@@ -129,3 +129,28 @@ def test_borders_from_samples_fit_the_tails():
     assert BarDistribution(b).tail_scales == pytest.approx(fit_tail_scales(v, b), rel=1e-4)
     # the samples' extremes would give tails several times wider than the samples' own
     assert float(b[0]) > float(v.min()) and float(b[-1]) < float(v.max())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_expected_nll_is_the_mean_loss_over_gaussian_draws(seed):
+    """expected_nll(logits, mu, sd) equals the Monte-Carlo mean of -log_density at draws of
+    N(mu, sd^2), for noise inside one bucket, spanning many, and reaching into either tail
+    (the closed-form tail moments); its gradient is softmax minus the Gaussian's bucket
+    masses, the mean of the draws' gradients."""
+    bar, logits = _random_bar(seed)
+    b = bar.borders
+    mu = torch.tensor([float(b[18] + 0.3 * (b[19] - b[18])), float(b[10]), float(b[1]) - 0.02])
+    sd = torch.tensor([0.002, 0.2, 0.05])
+    logits = logits.clone().requires_grad_(True)
+    want = bar.expected_nll(logits, mu, sd)
+    g_want, = torch.autograd.grad(want.sum(), logits)
+    draws = mu[:, None] + sd[:, None] * torch.randn(3, 200_000, generator=torch.Generator()
+                                                    .manual_seed(seed))
+    nll = -bar.log_density(logits, draws)  # (3, k)
+    se = nll.detach().std(-1) / nll.shape[-1] ** 0.5
+    assert torch.all((nll.detach().mean(-1) - want.detach()).abs() < 4 * se + 1e-5)
+    g_mc, = torch.autograd.grad(nll.mean(-1).sum(), logits)
+    assert torch.allclose(g_want, g_mc, atol=5e-3)
+    assert torch.allclose(g_want.sum(-1), torch.zeros(3), atol=1e-5)  # softmax - masses
+    # a different value, far from a draw's loss at the mean when the noise is wide
+    assert float(want[1].detach()) > float(-bar.log_density(logits.detach(), mu)[1]) + 0.01

@@ -176,7 +176,7 @@ def test_decay_input_is_trained_on_the_priors_flags(tmp_path):
     Trainer(cfg).run(progress=False)
     prior = get_prior("lcpfn-anneal0.5")
     g = torch.Generator().manual_seed(2)
-    t, y, is_ctx, decay = training_batch(prior, 64, g, 1)
+    t, y, is_ctx, decay, _, _ = training_batch(prior, 64, g, 1)
     want = prior.sample(64, torch.Generator().manual_seed(2)).annealed
     assert want is not None and torch.equal(decay, want.float()) and 0 < float(decay.sum()) < 64
     mbs = query_microbatches(t, y, is_ctx, 4, 3, g, decay=decay)
@@ -279,6 +279,38 @@ def _tiny_model_and_batch(n: int = 12):
     return model, training_batch(prior, n, g, 1)[:3], g
 
 
+def test_expected_targets_average_the_noisy_targets_loss_and_ride_through_microbatches():
+    """expected_targets: the loss at (f, sigma) is the mean of the noisy-target loss over
+    fresh noise on the queries (context unchanged); through the query micro-batches (all
+    queries kept) it gives the full layout's loss and gradients; a run trains with it."""
+    from prior import get_prior
+    from train.loop import loss_fn, query_microbatches, subsampled_loss, training_batch
+
+    model, _, g = _tiny_model_and_batch()
+    model.eval()
+    t, y, is_ctx, _, f, sigma = training_batch(get_prior("lcpfn"), 12, g, 1)
+    amp = torch.autocast("cpu", enabled=False)
+    with torch.no_grad():
+        want = float(loss_fn(model, model, t, y, is_ctx, amp, True, target=(f, sigma)))
+        draws = []
+        for _ in range(300):
+            y2 = torch.where(is_ctx, y, f + sigma[:, None] * torch.randn(f.shape, generator=g))
+            draws.append(float(loss_fn(model, model, t, y2, is_ctx, amp, True)))
+    d = torch.tensor(draws)
+    assert abs(float(d.mean()) - want) < 4 * float(d.std()) / len(d) ** 0.5
+    model.train()
+    full = loss_fn(model, model, t, y, is_ctx, amp, True, target=(f, sigma))
+    full.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    mbs = query_microbatches(t, y, is_ctx, 100, 5, g, True, target=(f, sigma))
+    got = sum(subsampled_loss(model, model, mb, amp, float((~is_ctx).sum())) for mb in mbs)
+    got.backward()
+    assert torch.allclose(got, full, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads[n], rtol=1e-4, atol=1e-6), n
+
+
 def test_training_batch_log_share_shortens_the_contexts():
     """cutoff_log_share reaches the batch: context masks are prefixes, and a log-uniform share
     puts many more curves at one observed epoch than uniform cutoffs do (1/99)."""
@@ -288,8 +320,8 @@ def test_training_batch_log_share_shortens_the_contexts():
     prior = get_prior("lcpfn")
     n_ctx = {}
     for share in (0.0, 1.0):
-        _, _, is_ctx, _ = training_batch(prior, 2000, torch.Generator().manual_seed(5), 1,
-                                         share)
+        is_ctx = training_batch(prior, 2000, torch.Generator().manual_seed(5), 1,
+                                share).is_ctx
         k = is_ctx.sum(1)
         assert torch.equal(is_ctx, torch.arange(100)[None, :] < k[:, None])  # prefixes
         n_ctx[share] = float((k == 1).double().mean())
@@ -377,7 +409,9 @@ def test_training_with_subsampled_queries_runs_and_resumes_with_them_switched(tm
     cfg = apply_overrides(TrainConfig(), opts)
     last = Trainer(cfg).run(max_steps=2, progress=False)
     assert last["tokens_per_s"] / last["curves_per_s"] < 100  # tokens per curve
-    last = Trainer(apply_overrides(cfg, {"max_queries": 0})).run(progress=False)
+    # expected targets may be switched on resume too (the same objective)
+    last = Trainer(apply_overrides(cfg, {"max_queries": 0, "expected_targets": True})
+                   ).run(progress=False)
     assert last["step"] == 4
     assert last["tokens_per_s"] / last["curves_per_s"] == pytest.approx(100)
     with pytest.raises(ValueError, match="query_groups"):

@@ -49,6 +49,10 @@ class TrainConfig:
     per_curve_loss: bool = False  # every curve weighs the same in the loss (the mean over its
     # queries, as the paper protocol scores) instead of every query token (a curve cut early
     # has more queries, so token weighting favours early cutoffs)
+    expected_targets: bool = False  # score each query by its expected loss over the prior's
+    # noise around its noise-free value (closed form, BarDistribution.expected_nll) instead of
+    # at one noisy draw: the same objective, with less gradient variance where the noise
+    # spans several buckets (Rao-Blackwellisation); the held-out evaluations stay on draws
     query_groups: int = 8  # with max_queries: length-sorted micro-batches per step (less padding)
     border_curves: int = 10_000  # prior curves whose noisy values set the bucket borders
     seed: int = 0  # seeds borders, initialisation and every rank's prior stream (the held-out

@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -47,11 +47,11 @@ EVAL_CUTOFFS = (1, 4, 10, 20, 40, 80)  # 1 and 4: the early-stopping regime
 # config keys that may change between a run and its resumption (they don't change the maths)
 # (ema_decay only changes the averaged copy that is exported, not the optimised weights;
 # n_curves re-targets the learning-rate schedule from the step reached: a run can be shortened
-# or extended, and the change is logged; max_queries and query_groups change how the loss is
-# estimated, not what it is)
+# or extended, and the change is logged; max_queries, query_groups and expected_targets change
+# how the loss is estimated, not what it is)
 OPERATIONAL_KEYS = frozenset({"threads", "device", "ckpt_every", "log_every", "eval_every",
                               "eval_curves", "compile", "out_dir", "ema_decay", "n_curves",
-                              "max_queries", "query_groups"})
+                              "max_queries", "query_groups", "expected_targets"})
 
 
 @dataclass
@@ -154,31 +154,59 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2))
 
 
+class TrainBatch(NamedTuple):
+    """A step's curves, each (n, m) unless said: progress t, noisy values y, the context mask
+    is_ctx from per-curve cutoffs, decay (n,) float (1 for the curves the prior drew under
+    learning-rate decay: the input of a model with ``decay_input``; all 0 without
+    ``anneal_prob``), and the noise-free values f and noise scales sigma (n,) the noisy values
+    were drawn from (the targets of ``TrainConfig.expected_targets``)."""
+
+    t: Tensor
+    y: Tensor
+    is_ctx: Tensor
+    decay: Tensor
+    f: Tensor
+    sigma: Tensor
+
+
 def training_batch(
     prior: CurvePrior, n: int, g: torch.Generator, min_cutoff: int, log_share: float = 0.0
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(t, y, is_ctx), each (n, m): progress, noisy values, context mask from per-curve
-    cutoffs; and decay (n,) float, 1 for the curves the prior drew under learning-rate decay
-    (the input of a model with ``decay_input``; all 0 without ``anneal_prob``)."""
+) -> TrainBatch:
+    """``n`` prior curves with cutoffs drawn by ``sample_cutoffs``."""
     m = prior.n_epochs
     batch = prior.sample(n, g)
-    y, decay = batch.y, batch.annealed.float()
     cut = sample_cutoffs(n, m, g, low=min_cutoff, log_share=log_share)
     t = (torch.arange(1, m + 1, dtype=torch.float32) / m).expand(n, m)
     is_ctx = torch.arange(m)[None, :] < cut[:, None]  # (n, m)
-    return t, y, is_ctx, decay
+    return TrainBatch(t, batch.y, is_ctx, batch.annealed.float(), batch.f, batch.sigma)
+
+
+def query_nll(model: PFN, logits: Tensor, y: Tensor, target: tuple[Tensor, Tensor] | None
+              ) -> Tensor:
+    """Each query's negative log-density (N,) at its noisy value y (N,), or with ``target``
+    = (f, sigma) (N,) each, its expected value over the noise y ~ N(f, sigma^2) (the same
+    loss in expectation, with less variance: ``BarDistribution.expected_nll``)."""
+    if target is None:
+        return -model.bar.log_density(logits.float(), y)
+    return model.bar.expected_nll(logits.float(), *target)
 
 
 def loss_fn(model: PFN, fwd: Any, t: Tensor, y: Tensor, is_ctx: Tensor, amp: Any,
-            per_curve: bool = False, decay: Tensor | None = None) -> Tensor:
+            per_curve: bool = False, decay: Tensor | None = None,
+            target: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Mean negative log-density over all query tokens of the batch, or with ``per_curve`` the
-    mean over curves of each curve's mean over its queries (the paper protocol's weighting)."""
+    mean over curves of each curve's mean over its queries (the paper protocol's weighting);
+    ``target`` = (f (n, m), sigma (n,)): the expected loss over the noise (``query_nll``)."""
     with amp:
         logits = fwd(t, y, is_ctx, ~is_ctx, decay)  # (N_query, n_buckets)
-    nll = -model.bar.log_density(logits.float(), y[~is_ctx])  # (N_query,) row-major
+    qry = ~is_ctx
+    if target is not None:
+        f, sigma = target
+        target = (f[qry], sigma[:, None].expand_as(f)[qry])
+    nll = query_nll(model, logits, y[qry], target)  # (N_query,) row-major
     if not per_curve:
         return nll.mean()
-    n_qry = (~is_ctx).sum(1)  # (n,)
+    n_qry = qry.sum(1)  # (n,)
     w = (1.0 / n_qry.clamp(min=1).float()).repeat_interleave(n_qry)  # (N_query,)
     return (nll * w).sum() / int((n_qry > 0).sum())
 
@@ -187,7 +215,8 @@ def loss_fn(model: PFN, fwd: Any, t: Tensor, y: Tensor, is_ctx: Tensor, amp: Any
 class MicroBatch:
     """Curves with subsampled queries, padded to the longest row: tokens (b, L); ``select``
     marks the kept queries (not the context, not the padding), ``weight`` (N_select,) their
-    loss weights, ``decay`` (b,) the curves' decay flags."""
+    loss weights, ``decay`` (b,) the curves' decay flags; with expected targets ``f`` (b, L)
+    the tokens' noise-free values and ``sigma`` (b,) the curves' noise scales."""
 
     t: Tensor
     y: Tensor
@@ -195,22 +224,36 @@ class MicroBatch:
     select: Tensor
     weight: Tensor
     decay: Tensor
+    f: Tensor | None = None
+    sigma: Tensor | None = None
 
     def to(self, device: torch.device) -> MicroBatch:
+        def move(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.to(device)
+
         return MicroBatch(self.t.to(device), self.y.to(device), self.is_ctx.to(device),
-                          self.select.to(device), self.weight.to(device), self.decay.to(device))
+                          self.select.to(device), self.weight.to(device), self.decay.to(device),
+                          move(self.f), move(self.sigma))
+
+    def target(self) -> tuple[Tensor, Tensor] | None:
+        """(f, sigma) of the kept queries (N_select,) each, or None (noisy targets)."""
+        if self.f is None or self.sigma is None:
+            return None
+        return self.f[self.select], self.sigma[:, None].expand_as(self.f)[self.select]
 
 
 def query_microbatches(t: Tensor, y: Tensor, is_ctx: Tensor, max_queries: int, groups: int,
                        g: torch.Generator, per_curve: bool = False,
-                       decay: Tensor | None = None) -> list[MicroBatch]:
+                       decay: Tensor | None = None,
+                       target: tuple[Tensor, Tensor] | None = None) -> list[MicroBatch]:
     """Each curve of (t, y, is_ctx) (n, m) keeps its context and min(max_queries, its query
     count) of its queries, uniformly without replacement, each weighted by (query count) /
     (kept); the curves, sorted by kept length, are split into ``groups`` micro-batches. The
     weighted sum of the kept queries' losses is an unbiased estimate of the sum over all.
     With ``per_curve`` every curve weighs (all queries) / n in all, (all queries) / (n kept)
     per kept query: the same sum then estimates (all queries) x the mean over curves of each
-    curve's mean loss, so ``subsampled_loss`` estimates ``loss_fn(per_curve=True)``."""
+    curve's mean loss, so ``subsampled_loss`` estimates ``loss_fn(per_curve=True)``.
+    ``target`` = (f (n, m), sigma (n,)) rides along for expected targets."""
     n, m = t.shape
     decay = torch.zeros(n) if decay is None else decay
     n_ctx = is_ctx.sum(1)  # (n,)
@@ -229,8 +272,10 @@ def query_microbatches(t: Tensor, y: Tensor, is_ctx: Tensor, max_queries: int, g
         pos = torch.arange(L)[None, :]
         ctx = pos < n_ctx[idx, None]  # (b, L)
         sel = (pos < length[idx, None]) & ~ctx
+        f, sigma = (None, None) if target is None else (
+            torch.gather(target[0][idx], 1, o), target[1][idx])
         out.append(MicroBatch(torch.gather(t[idx], 1, o), torch.gather(y[idx], 1, o), ctx, sel,
-                              w_curve[idx, None].expand(-1, L)[sel], decay[idx]))
+                              w_curve[idx, None].expand(-1, L)[sel], decay[idx], f, sigma))
     return out
 
 
@@ -239,7 +284,7 @@ def subsampled_loss(model: PFN, fwd: Any, mb: MicroBatch, amp: Any, total: float
     of the whole batch): these summed over a step's micro-batches estimate ``loss_fn``."""
     with amp:
         logits = fwd(mb.t, mb.y, mb.is_ctx, mb.select, mb.decay)  # (N_select, n_buckets)
-    nll = -model.bar.log_density(logits.float(), mb.y[mb.select])
+    nll = query_nll(model, logits, mb.y[mb.select], mb.target())
     return (nll * mb.weight).sum() / total
 
 
@@ -374,16 +419,19 @@ class Trainer:
         lr = lr_at(cfg, self.step)
         for grp in self.opt.param_groups:
             grp["lr"] = lr
-        t, y, is_ctx, decay = training_batch(self.prior, self.local_batch, self.gen,
-                                              cfg.min_cutoff, cfg.cutoff_log_share)
+        t, y, is_ctx, decay, f, sigma = training_batch(
+            self.prior, self.local_batch, self.gen, cfg.min_cutoff, cfg.cutoff_log_share)
+        target = (f, sigma) if cfg.expected_targets else None
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         if cfg.max_queries:
-            loss, tokens = self.subsampled_backward(t, y, is_ctx, decay)
+            loss, tokens = self.subsampled_backward(t, y, is_ctx, decay, target)
         else:
             t, y, is_ctx = t.to(self.device), y.to(self.device), is_ctx.to(self.device)
+            if target is not None:
+                target = (f.to(self.device), sigma.to(self.device))
             loss = loss_fn(self.model, self.fwd, t, y, is_ctx, self.amp, cfg.per_curve_loss,
-                           decay.to(self.device))
+                           decay.to(self.device), target)
             loss.backward()
             tokens = float(t.numel())
         gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -393,13 +441,15 @@ class Trainer:
         return {"loss": loss.item(), "lr": lr, "grad_norm": float(gn), "tokens": tokens}
 
     def subsampled_backward(self, t: Tensor, y: Tensor, is_ctx: Tensor,
-                            decay: Tensor | None = None) -> tuple[Tensor, float]:
+                            decay: Tensor | None = None,
+                            target: tuple[Tensor, Tensor] | None = None
+                            ) -> tuple[Tensor, float]:
         """Backward through the step's micro-batches (``max_queries``; gradients summed; DDP
         syncs on the last one only); returns the estimated loss and the tokens processed.
         The batch (t, y, is_ctx) is on the CPU, where the generator draws the queries."""
         mbs = [mb.to(self.device) for mb in query_microbatches(
             t, y, is_ctx, self.cfg.max_queries, self.cfg.query_groups, self.gen,
-            self.cfg.per_curve_loss, decay)]
+            self.cfg.per_curve_loss, decay, target)]
         total = float((~is_ctx).sum())
         loss = torch.zeros(())
         for i, mb in enumerate(mbs):
