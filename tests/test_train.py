@@ -289,21 +289,22 @@ def test_expected_targets_average_the_noisy_targets_loss_and_ride_through_microb
     model, _, g = _tiny_model_and_batch()
     model.eval()
     t, y, is_ctx, _, f, sigma = training_batch(get_prior("lcpfn"), 12, g, 1)
+    sd = sigma[:, None].expand_as(f)  # (n, m)
     amp = torch.autocast("cpu", enabled=False)
     with torch.no_grad():
-        want = float(loss_fn(model, model, t, y, is_ctx, amp, True, target=(f, sigma)))
+        want = float(loss_fn(model, model, t, y, is_ctx, amp, True, target=(f, sd)))
         draws = []
         for _ in range(300):
-            y2 = torch.where(is_ctx, y, f + sigma[:, None] * torch.randn(f.shape, generator=g))
+            y2 = torch.where(is_ctx, y, f + sd * torch.randn(f.shape, generator=g))
             draws.append(float(loss_fn(model, model, t, y2, is_ctx, amp, True)))
     d = torch.tensor(draws)
     assert abs(float(d.mean()) - want) < 4 * float(d.std()) / len(d) ** 0.5
     model.train()
-    full = loss_fn(model, model, t, y, is_ctx, amp, True, target=(f, sigma))
+    full = loss_fn(model, model, t, y, is_ctx, amp, True, target=(f, sd))
     full.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    mbs = query_microbatches(t, y, is_ctx, 100, 5, g, True, target=(f, sigma))
+    mbs = query_microbatches(t, y, is_ctx, 100, 5, g, True, target=(f, sd))
     got = sum(subsampled_loss(model, model, mb, amp, float((~is_ctx).sum())) for mb in mbs)
     got.backward()
     assert torch.allclose(got, full, rtol=1e-5, atol=1e-6)

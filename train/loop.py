@@ -184,7 +184,7 @@ def training_batch(
 def query_nll(model: PFN, logits: Tensor, y: Tensor, target: tuple[Tensor, Tensor] | None
               ) -> Tensor:
     """Each query's negative log-density (N,) at its noisy value y (N,), or with ``target``
-    = (f, sigma) (N,) each, its expected value over the noise y ~ N(f, sigma^2) (the same
+    = (f, sd) (N,) each, its expected value over the noise y ~ N(f, sd^2) (the same
     loss in expectation, with less variance: ``BarDistribution.expected_nll``)."""
     if target is None:
         return -model.bar.log_density(logits.float(), y)
@@ -196,14 +196,12 @@ def loss_fn(model: PFN, fwd: Any, t: Tensor, y: Tensor, is_ctx: Tensor, amp: Any
             target: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Mean negative log-density over all query tokens of the batch, or with ``per_curve`` the
     mean over curves of each curve's mean over its queries (the paper protocol's weighting);
-    ``target`` = (f (n, m), sigma (n,)): the expected loss over the noise (``query_nll``)."""
+    ``target`` = (f, sd) (n, m) each: the expected loss over the noise (``query_nll``)."""
     with amp:
         logits = fwd(t, y, is_ctx, ~is_ctx, decay)  # (N_query, n_buckets)
     qry = ~is_ctx
-    if target is not None:
-        f, sigma = target
-        target = (f[qry], sigma[:, None].expand_as(f)[qry])
-    nll = query_nll(model, logits, y[qry], target)  # (N_query,) row-major
+    nll = query_nll(model, logits, y[qry], None if target is None else
+                    (target[0][qry], target[1][qry]))  # (N_query,) row-major
     if not per_curve:
         return nll.mean()
     n_qry = qry.sum(1)  # (n,)
@@ -215,8 +213,8 @@ def loss_fn(model: PFN, fwd: Any, t: Tensor, y: Tensor, is_ctx: Tensor, amp: Any
 class MicroBatch:
     """Curves with subsampled queries, padded to the longest row: tokens (b, L); ``select``
     marks the kept queries (not the context, not the padding), ``weight`` (N_select,) their
-    loss weights, ``decay`` (b,) the curves' decay flags; with expected targets ``f`` (b, L)
-    the tokens' noise-free values and ``sigma`` (b,) the curves' noise scales."""
+    loss weights, ``decay`` (b,) the curves' decay flags; with expected targets ``f`` and
+    ``sd`` (b, L) the tokens' noise-free values and noise scales."""
 
     t: Tensor
     y: Tensor
@@ -225,7 +223,7 @@ class MicroBatch:
     weight: Tensor
     decay: Tensor
     f: Tensor | None = None
-    sigma: Tensor | None = None
+    sd: Tensor | None = None
 
     def to(self, device: torch.device) -> MicroBatch:
         def move(x: Tensor | None) -> Tensor | None:
@@ -233,13 +231,13 @@ class MicroBatch:
 
         return MicroBatch(self.t.to(device), self.y.to(device), self.is_ctx.to(device),
                           self.select.to(device), self.weight.to(device), self.decay.to(device),
-                          move(self.f), move(self.sigma))
+                          move(self.f), move(self.sd))
 
     def target(self) -> tuple[Tensor, Tensor] | None:
-        """(f, sigma) of the kept queries (N_select,) each, or None (noisy targets)."""
-        if self.f is None or self.sigma is None:
+        """(f, sd) of the kept queries (N_select,) each, or None (noisy targets)."""
+        if self.f is None or self.sd is None:
             return None
-        return self.f[self.select], self.sigma[:, None].expand_as(self.f)[self.select]
+        return self.f[self.select], self.sd[self.select]
 
 
 def query_microbatches(t: Tensor, y: Tensor, is_ctx: Tensor, max_queries: int, groups: int,
@@ -253,7 +251,7 @@ def query_microbatches(t: Tensor, y: Tensor, is_ctx: Tensor, max_queries: int, g
     With ``per_curve`` every curve weighs (all queries) / n in all, (all queries) / (n kept)
     per kept query: the same sum then estimates (all queries) x the mean over curves of each
     curve's mean loss, so ``subsampled_loss`` estimates ``loss_fn(per_curve=True)``.
-    ``target`` = (f (n, m), sigma (n,)) rides along for expected targets."""
+    ``target`` = (f, sd) (n, m) each rides along for expected targets."""
     n, m = t.shape
     decay = torch.zeros(n) if decay is None else decay
     n_ctx = is_ctx.sum(1)  # (n,)
@@ -272,10 +270,10 @@ def query_microbatches(t: Tensor, y: Tensor, is_ctx: Tensor, max_queries: int, g
         pos = torch.arange(L)[None, :]
         ctx = pos < n_ctx[idx, None]  # (b, L)
         sel = (pos < length[idx, None]) & ~ctx
-        f, sigma = (None, None) if target is None else (
-            torch.gather(target[0][idx], 1, o), target[1][idx])
+        f, sd = (None, None) if target is None else (
+            torch.gather(target[0][idx], 1, o), torch.gather(target[1][idx], 1, o))
         out.append(MicroBatch(torch.gather(t[idx], 1, o), torch.gather(y[idx], 1, o), ctx, sel,
-                              w_curve[idx, None].expand(-1, L)[sel], decay[idx], f, sigma))
+                              w_curve[idx, None].expand(-1, L)[sel], decay[idx], f, sd))
     return out
 
 
@@ -421,7 +419,7 @@ class Trainer:
             grp["lr"] = lr
         t, y, is_ctx, decay, f, sigma = training_batch(
             self.prior, self.local_batch, self.gen, cfg.min_cutoff, cfg.cutoff_log_share)
-        target = (f, sigma) if cfg.expected_targets else None
+        target = (f, sigma[:, None].expand_as(f)) if cfg.expected_targets else None  # (n, m)
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         if cfg.max_queries:
@@ -429,7 +427,7 @@ class Trainer:
         else:
             t, y, is_ctx = t.to(self.device), y.to(self.device), is_ctx.to(self.device)
             if target is not None:
-                target = (f.to(self.device), sigma.to(self.device))
+                target = (target[0].to(self.device), target[1].to(self.device))
             loss = loss_fn(self.model, self.fwd, t, y, is_ctx, self.amp, cfg.per_curve_loss,
                            decay.to(self.device), target)
             loss.backward()
